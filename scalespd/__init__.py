@@ -1,0 +1,3 @@
+"""scalespd: Stochastic Parameter Decomposition and cross-layer mechanism clustering at scale."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from scalespd.run import main
+
+sys.exit(main())

@@ -1,0 +1,357 @@
+"""Every configuration model of a scalespd run.
+
+One YAML file describes a whole run (target -> decompose -> profiles -> graph -> spectral -> report).
+All models are frozen and reject unknown keys, so a typo in a YAML key is an error that names the
+field instead of a silently ignored setting. `RunConfig()` with no arguments *is* the built-in
+default run: a small TMS 5-2 decomposition that shows every stage on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Probability = Annotated[float, Field(gt=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the offending field or file."""
+
+
+class Cfg(BaseModel):
+    """Base of all config models: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation schedules (shared by target training and SPD)
+# --------------------------------------------------------------------------------------------
+
+
+class ScheduleConfig(Cfg):
+    """Learning-rate schedule: warm-up over `warmup_pct` of the steps, then `fn` from `lr` down
+    to `lr * final_frac` (the SPD reference's `get_scheduled_value`)."""
+
+    lr: PosFloat
+    fn: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_pct: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    final_frac: Fraction = 1.0
+
+    @model_validator(mode="after")
+    def _constant_has_no_decay(self) -> ScheduleConfig:
+        if self.fn == "constant" and self.final_frac != 1.0:
+            raise ValueError("final_frac must be 1.0 for a constant schedule")
+        return self
+
+
+class TargetTrainConfig(Cfg):
+    """Recipe for training a toy target model (digest §1.3)."""
+
+    steps: PosInt
+    batch_size: PosInt
+    schedule: ScheduleConfig
+    weight_decay: NonNegFloat = 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------
+
+
+class TMSTargetConfig(Cfg):
+    """Toy model of superposition: x_hat = ReLU(W^T [I ...] W x + b).
+
+    Modules: `linear1` (W, no bias), `hidden_layers.{i}` (fixed identities, no bias),
+    `linear2` (W^T when tied, with bias)."""
+
+    kind: Literal["tms"] = "tms"
+    n_features: PosInt = 5
+    n_hidden: PosInt = 2
+    n_identity_layers: NonNegInt = 0
+    tied_weights: bool = True
+    init_bias_to_zero: bool = False
+    feature_probability: Probability = 0.05
+    seed: int = 0
+    # Load a trained target from this directory (as written by the target stage) instead of
+    # training one.
+    path: Path | None = None
+    train: TargetTrainConfig = TargetTrainConfig(
+        steps=10_000, batch_size=1024, schedule=ScheduleConfig(lr=5e-3)
+    )
+
+
+class ResidMLPTargetConfig(Cfg):
+    """Residual MLP toy ("compressed computation"): r0 = W_E x; r += W_out act(W_in r);
+    y_hat = W_U r with a fixed random unit-norm embedding and W_U = W_E^T.
+
+    Modules: `layers.{i}.mlp_in`, `layers.{i}.mlp_out`."""
+
+    kind: Literal["resid_mlp"] = "resid_mlp"
+    n_features: PosInt = 100
+    d_embed: PosInt = 1000
+    d_mlp: PosInt = 50
+    n_layers: PosInt = 1
+    act: Literal["relu", "gelu"] = "relu"
+    in_bias: bool = False
+    out_bias: bool = False
+    feature_probability: Probability = 0.01
+    seed: int = 0
+    path: Path | None = None
+    train: TargetTrainConfig = TargetTrainConfig(
+        steps=1000,
+        batch_size=2048,
+        schedule=ScheduleConfig(lr=3e-3, fn="cosine", final_frac=0.0),
+    )
+
+
+TargetConfig = Annotated[TMSTargetConfig | ResidMLPTargetConfig, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------
+# SPD decomposition
+# --------------------------------------------------------------------------------------------
+
+
+class ModuleSpec(Cfg):
+    """Decompose every module whose dotted path matches `pattern` (fnmatch) into C rank-one
+    subcomponents."""
+
+    pattern: str = Field(min_length=1)
+    C: PosInt
+
+
+class LossConfig(Cfg):
+    """Loss coefficients (SPD paper §2.7: faithfulness, beta1, beta2, beta3) and the L_p
+    importance-minimality exponent with optional linear p-annealing."""
+
+    faithfulness: NonNegFloat = 0.0
+    stochastic_recon: NonNegFloat = 1.0
+    stochastic_recon_layerwise: NonNegFloat = 1.0
+    importance_minimality: NonNegFloat = 3e-3
+    p: PosFloat = 1.0
+    p_anneal_final: PosFloat | None = None
+    p_anneal_start_frac: Fraction = 1.0
+    p_anneal_end_frac: Fraction = 1.0
+    eps: PosFloat = 1e-12
+    output: Literal["mse", "kl"] = "mse"
+
+    @model_validator(mode="after")
+    def _anneal_order(self) -> LossConfig:
+        if self.p_anneal_end_frac < self.p_anneal_start_frac:
+            raise ValueError("p_anneal_end_frac must be >= p_anneal_start_frac")
+        return self
+
+
+class DecomposeConfig(Cfg):
+    """SPD training (digest §2; defaults follow the reference TMS 5-2 config, shortened)."""
+
+    modules: list[ModuleSpec] = Field(
+        default=[ModuleSpec(pattern="linear1", C=20), ModuleSpec(pattern="linear2", C=20)],
+        min_length=1,
+    )
+    ci_fn: Literal["mlp", "vector_mlp", "shared_mlp"] = "mlp"
+    ci_hidden: list[PosInt] = [16]
+    # "leaky_hard": lower-leaky hard sigmoid for masks, upper-leaky for the minimality loss.
+    # "hard": clamp(x, 0, 1) for both.
+    sigmoid: Literal["leaky_hard", "hard"] = "leaky_hard"
+    # Lower-leaky variant: the reference code's clamp forward with a straight-through leaky
+    # backward, or the SPD paper's forward leak 0.01x below 0 (digest §2.4 [!]).
+    lower_leaky: Literal["straight_through", "forward"] = "straight_through"
+    leak: PosFloat = 0.01
+    sampling: Literal["continuous", "binomial"] = "continuous"
+    n_mask_samples: PosInt = 1
+    use_delta_component: bool = True
+    faithfulness_warmup_steps: NonNegInt = 200
+    faithfulness_warmup_lr: PosFloat = 0.01
+    faithfulness_warmup_weight_decay: NonNegFloat = 0.1
+    loss: LossConfig = LossConfig()
+    steps: PosInt = 4000
+    # Global batch size; each of `num_workers` DDP ranks draws batch_size / num_workers.
+    batch_size: PosInt = 2048
+    schedule: ScheduleConfig = ScheduleConfig(lr=1e-3, fn="cosine", final_frac=0.0)
+    weight_decay: NonNegFloat = 0.0
+    grad_clip_norm: PosFloat | None = None
+    seed: int = 0
+    log_every: PosInt = 100
+    save_every: PosInt = 1000
+    # Threshold for alive counts / CI-L0 in the decomposition metrics.
+    ci_alive_threshold: Fraction = 0.1
+    # Ray Train scaling.
+    num_workers: PosInt = 1
+    use_gpu: bool = False
+    max_failures: int = Field(default=0, ge=-1)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> DecomposeConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by num_workers "
+                f"({self.num_workers})"
+            )
+        patterns = [m.pattern for m in self.modules]
+        if len(set(patterns)) != len(patterns):
+            raise ValueError(f"modules: duplicate patterns in {patterns}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles, graph, spectral, report
+# --------------------------------------------------------------------------------------------
+
+
+class ProfilesConfig(Cfg):
+    """Harvest of the (M, N) causal-importance matrix into chunked zarr."""
+
+    n_samples: PosInt = 4096  # M
+    # "train": inputs from the target's data distribution; "structured": the clustering paper's
+    # TMS evaluation set (a block of `samples_per_feature` rows per feature).
+    dataset: Literal["train", "structured"] = "train"
+    samples_per_feature: PosInt = 200
+    chunk_rows: PosInt = 4096
+    chunk_cols: PosInt = 1024
+    # Rows per harvest task; a multiple of chunk_rows so writers own whole chunks.
+    block_rows: PosInt = 4096
+    dtype: Literal["float16", "float32"] = "float32"
+    # Alive filter: a subcomponent is alive iff max_x g(x) > tau.
+    tau: Fraction = 0.1
+    seed: int = 1
+    # Parallel harvest tasks at once (None: one per available CPU / GPU).
+    max_concurrency: PosInt | None = None
+
+    @model_validator(mode="after")
+    def _blocks_hold_whole_chunks(self) -> ProfilesConfig:
+        if self.block_rows % self.chunk_rows:
+            raise ValueError(
+                f"block_rows ({self.block_rows}) must be a multiple of chunk_rows "
+                f"({self.chunk_rows}) so that each writer owns whole chunks"
+            )
+        return self
+
+
+class GraphConfig(Cfg):
+    """Tiled Pearson correlation -> running top-k -> (mutual) k-NN graph -> components."""
+
+    k: PosInt = 10
+    mutual: bool = True
+    # Edges with correlation <= threshold are dropped before the k-NN selection.
+    # "auto": derived from the data (chance level for this M and N); 0.0: the paper's plain
+    # ReLU clamp.
+    edge_threshold: NonNegFloat | Literal["auto"] = "auto"
+    # Family-wise false-positive rate the automatic threshold allows over all N^2/2 pairs.
+    null_alpha: Probability = 0.01
+    tile_cols: PosInt = 4096
+    row_chunk: PosInt = 65536
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SpectralConfig(Cfg):
+    """Spectral clustering of each connected component (or of the largest one)."""
+
+    k_max: PosInt = 12
+    mode: Literal["per_component", "largest_component"] = "per_component"
+    # When the eigengap picks K_max itself, cluster each resulting cluster again.
+    recursive_split: bool = True
+    max_depth: PosInt = 8
+    kmeans_n_init: PosInt = 10
+    # Components up to this size use a dense eigensolver.
+    dense_max_nodes: PosInt = 2000
+    # Small components are packed into Ray tasks of at least this much estimated work.
+    min_task_seconds: PosFloat = 0.05
+    # Subcomponents active (CI > tau) on more than this fraction of inputs form their own
+    # "always-on" group before clustering (None: off, as in the paper).
+    always_on_fraction: Probability | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ReportConfig(Cfg):
+    """The HTML report and summary.json."""
+
+    max_heatmap_nodes: PosInt = 2000
+    n_spectra: PosInt = 6
+
+
+class RayConfig(Cfg):
+    """How `python -m scalespd.run` reaches Ray.
+
+    address None: use $RAY_ADDRESS when set (as inside `ray job submit`), else start Ray
+    in-process on this node."""
+
+    address: str | None = None
+    num_cpus: PosInt | None = None
+    num_gpus: NonNegInt | None = None
+    object_store_memory: PosInt | None = 500_000_000
+
+
+class RunConfig(Cfg):
+    """A whole run. `RunConfig()` is the built-in default (TMS 5-2, every stage, CPU)."""
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 0
+    target: TargetConfig = TMSTargetConfig()
+    decompose: DecomposeConfig = DecomposeConfig()
+    profiles: ProfilesConfig = ProfilesConfig()
+    graph: GraphConfig = GraphConfig()
+    spectral: SpectralConfig = SpectralConfig()
+    report: ReportConfig = ReportConfig()
+    ray: RayConfig = RayConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<dict>") -> RunConfig:
+    """Validate a mapping as a RunConfig; errors name every offending field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Load a YAML run config; `None` gives the built-in default."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return parse_config(data, source=str(path))
+
+
+def config_to_yaml(cfg: Cfg) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: Cfg, path: str | Path) -> None:
+    Path(path).write_text(config_to_yaml(cfg))
