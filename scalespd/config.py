@@ -276,8 +276,31 @@ class SpectralConfig(Cfg):
 class ReportConfig(Cfg):
     """The HTML report and summary.json."""
 
+    # Alive components shown in the correlation heatmap (largest clusters first); the same
+    # columns give the within/between-cluster mean correlation, so this also bounds that cost.
     max_heatmap_nodes: PosInt = 2000
+    # Profile rows read for those correlations (the first rows of ci.zarr).
+    max_profile_rows: PosInt = 20_000
+    # Eigenvalue spectra plotted, for the largest connected components.
     n_spectra: PosInt = 6
+    # Rows of the cluster table in index.html (largest clusters first); summary.json has all.
+    max_table_rows: PosInt = 300
+    # Member names listed per cluster in the HTML table.
+    max_members_listed: PosInt = 40
+    # Ground truth (toy targets): causal importances on one-hot inputs x_i = onehot_value
+    # (the SPD papers' CI-heatmap convention).
+    onehot_value: PosFloat = 0.75
+    # A subcomponent "serves" a one-hot input when its CI there exceeds this (None: profiles.tau).
+    gt_tau: Fraction | None = None
+    # Served by more than this fraction of the one-hot inputs -> "dense" (TMS identity,
+    # ResidMLP mlp_out), not assigned to one feature.
+    dense_fraction: Fraction = 0.5
+    # Best and second-best one-hot CI closer than this -> a tie: no single feature assigned.
+    tie_tol: NonNegFloat = 1e-3
+    # "Report both": when dense/always-on subcomponents exist, the report also scores the other
+    # always-on setting. If spectral.always_on_fraction is None the alternative clustering uses
+    # this fraction; if it is set, the alternative is the paper's setting (None).
+    always_on_fraction_alt: Probability = 0.5
 
 
 class RayConfig(Cfg):
