@@ -226,6 +226,18 @@ class ProfilesConfig(Cfg):
     seed: int = 1
     # Parallel harvest tasks at once (None: one per available CPU / GPU).
     max_concurrency: PosInt | None = None
+    # Rows per forward pass inside a block (bounds activation memory for big models).
+    batch_rows: PosInt = 4096
+    # Where the CI forward runs: "auto" picks CUDA when torch sees a GPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "ray": blocks run on Ray actors that keep the model loaded; "local": in this process;
+    # "auto": Ray when it is already initialised or more than one block is left to do.
+    executor: Literal["auto", "ray", "local"] = "auto"
+    # zstd level of ci.zarr (higher: smaller, slower writes; ~3 is the usual sweet spot).
+    compression_level: Annotated[int, Field(ge=1, le=22)] = 3
+    # Store each row's input in profiles/inputs.zarr (toys: the input vector; LMs: token ids,
+    # sequence ids and positions).
+    save_inputs: bool = True
 
     @model_validator(mode="after")
     def _blocks_hold_whole_chunks(self) -> ProfilesConfig:

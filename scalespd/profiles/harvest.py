@@ -1,0 +1,493 @@
+"""Harvest the (M, N) causal-importance matrix into chunked zarr, block by block.
+
+For each row block b (rows [b*block_rows, ...)): generate its inputs from (seed, b), run the CI
+functions, write all N columns of those rows into ci.zarr (and the row metadata into
+inputs.zarr), then write the block's completion record (row range + partial column stats)
+atomically. Blocks run in this process ("local") or as tasks on Ray actors that each load the
+model once ("ray"). Re-running computes only the blocks without a record; the final statistics
+are merged from the records in block order, so a resumed harvest is bit-identical to an
+uninterrupted one. Memory is bounded by one block (block_rows x N) per worker, never by M x N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from scalespd.config import ProfilesConfig, RayConfig
+from scalespd.profiles.sources import RowSource
+from scalespd.profiles.stats import ColumnStats, atomic_write_npz, merge_all
+from scalespd.profiles.store import (
+    ATTR_KEY,
+    FORMAT_VERSION,
+    BlockLayout,
+    ProfilesError,
+    block_record_path,
+    check_ci,
+    check_inputs,
+    create_or_open,
+    create_or_open_inputs,
+    finished_blocks,
+)
+
+log = logging.getLogger(__name__)
+
+CI_FILE = "ci.zarr"
+INPUTS_FILE = "inputs.zarr"
+BLOCKS_DIR = "blocks"
+COMPONENTS_FILE = "components.csv"
+SUMMARY_FILE = "harvest.json"
+COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "max", "mean", "std",
+                     "frac_active", "alive"]
+
+
+@runtime_checkable
+class CIModel(Protocol):
+    """What the harvest needs from a decomposition (scalespd.train.ComponentModel has it)."""
+
+    module_paths: list[str]
+    C: dict[str, int]
+    module_info: list[Any]  # ModuleInfo(path, layer, module_type), same order as module_paths
+
+    def causal_importances(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{path: (B, C[path]) values in [0, 1]} for inputs x (B, ...)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Columns
+# --------------------------------------------------------------------------------------------
+
+
+def module_table(model: CIModel) -> list[dict[str, Any]]:
+    """One entry per decomposed module in global column order, with its column offset.
+
+    Column j of ci.zarr is subcomponent c = j - offset of the module whose range holds j; its
+    name is `<path>:<c>`. (Names are derived, not stored per column, so the array metadata stays
+    small for N in the millions.)"""
+    paths = list(model.module_paths)
+    info = list(model.module_info)
+    if [i[0] for i in info] != paths:
+        raise ProfilesError(
+            f"model.module_info paths {[i[0] for i in info]} do not match model.module_paths "
+            f"{paths} (same modules, same order expected)"
+        )
+    missing = [p for p in paths if p not in model.C]
+    if missing:
+        raise ProfilesError(f"model.C has no entry for modules {missing}")
+    table, offset = [], 0
+    for path, layer, module_type in (tuple(i)[:3] for i in info):
+        c = int(model.C[path])
+        if c <= 0:
+            raise ProfilesError(f"model.C[{path!r}] = {c}; expected a positive count")
+        table.append({"module": path, "layer": int(layer), "module_type": str(module_type),
+                      "C": c, "offset": offset})
+        offset += c
+    return table
+
+
+def column_frame(modules: list[dict[str, Any]]) -> pd.DataFrame:
+    """component, name, layer, module, module_type for every column, (N rows)."""
+    parts = []
+    for m in modules:
+        c = np.arange(m["C"])
+        parts.append(pd.DataFrame({
+            "component": m["offset"] + c,
+            "name": [f"{m['module']}:{i}" for i in c],
+            "layer": m["layer"],
+            "module": m["module"],
+            "module_type": m["module_type"],
+        }))
+    return pd.concat(parts, ignore_index=True)
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 over the model's parameters and buffers (names, dtypes, shapes, bytes)."""
+    if not isinstance(model, torch.nn.Module):
+        return "unknown"
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------
+# One block (shared by the local path and the Ray actors)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockResult:
+    block: int
+    start: int
+    stop: int
+    seconds: float
+    nbytes: int  # uncompressed bytes of CI written
+    peak_rss: int  # bytes, of the process that ran the block
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def compute_block_ci(
+    model: CIModel, x: torch.Tensor, modules: list[dict[str, Any]], batch_rows: int,
+    device: str, dtype: np.dtype, tau: float,
+) -> tuple[np.ndarray, ColumnStats]:
+    """CI of rows x (R, ...) -> ((R, N) array of `dtype`, stats of exactly those stored values).
+
+    The forward runs in batches of `batch_rows` rows on `device`; stats come from the values
+    as stored (after the cast), so they agree with numpy on the saved array."""
+    n_cols = sum(m["C"] for m in modules)
+    out = np.empty((x.shape[0], n_cols), dtype=dtype)
+    stats = ColumnStats.empty(n_cols, tau)
+    tdtype = getattr(torch, np.dtype(dtype).name)
+    with torch.inference_mode():
+        for s in range(0, x.shape[0], batch_rows):
+            xb = x[s : s + batch_rows].to(device)
+            ci = model.causal_importances(xb)
+            cols = []
+            for m in modules:
+                g = ci.get(m["module"])
+                if g is None:
+                    raise ProfilesError(f"causal_importances returned no values for module "
+                                        f"{m['module']!r} (got {sorted(ci)})")
+                if tuple(g.shape) != (xb.shape[0], m["C"]):
+                    raise ProfilesError(
+                        f"causal_importances[{m['module']!r}] has shape {tuple(g.shape)}, "
+                        f"expected ({xb.shape[0]}, {m['C']}) (batch, C)"
+                    )
+                cols.append(g)
+            g_all = torch.cat(cols, dim=1)
+            bad = ~((g_all >= 0) & (g_all <= 1))  # also catches NaN
+            if bool(bad.any()):
+                j = int(bad.any(dim=0).nonzero()[0, 0])
+                name = next(f"{m['module']}:{j - m['offset']}" for m in modules
+                            if m["offset"] <= j < m["offset"] + m["C"])
+                raise ProfilesError(f"causal importance of {name} is outside [0, 1] (or NaN): "
+                                    f"{float(g_all[:, j][bad[:, j]][0])}")
+            vals = g_all.to(tdtype).cpu().numpy()
+            out[s : s + vals.shape[0]] = vals
+            stats = stats.merge(ColumnStats.of(vals, tau))
+    return out, stats
+
+
+def run_block(
+    b: int, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict[str, Any]],
+    ci: zarr.Array, inputs: zarr.Group | None, blocks_dir: Path, cfg: ProfilesConfig, device: str,
+) -> BlockResult:
+    """Compute block b, write its rows, then (and only then) its completion record."""
+    t0 = time.perf_counter()
+    start, stop = layout.block_range(b)
+    x = source.block_inputs(b, start, stop)
+    if x.shape[0] != stop - start:
+        raise ProfilesError(f"row source gave {x.shape[0]} inputs for block {b}, expected "
+                            f"{stop - start} (rows [{start}, {stop}))")
+    vals, stats = compute_block_ci(model, x, modules, cfg.batch_rows, device,
+                                   np.dtype(cfg.dtype), cfg.tau)
+    ci[start:stop, :] = vals
+    if inputs is not None:
+        for name, v in source.row_metadata(b, start, stop, x).items():
+            inputs[name][start:stop] = v
+    atomic_write_npz(block_record_path(blocks_dir, b), {
+        "block": np.asarray(b), "start": np.asarray(start), "stop": np.asarray(stop),
+        **stats.to_arrays(),
+    })
+    return BlockResult(b, start, stop, time.perf_counter() - t0, vals.nbytes, _peak_rss_bytes())
+
+
+# --------------------------------------------------------------------------------------------
+# Ray actor: loads the model once, runs many blocks
+# --------------------------------------------------------------------------------------------
+
+
+class _HarvestWorker:
+    def __init__(
+        self, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict],
+        out_dir: str, cfg: ProfilesConfig, device: str, threads: int,
+    ) -> None:
+        if device == "cpu":
+            # Several actors share the cores: without this each would start one thread per core.
+            torch.set_num_threads(threads)
+        if isinstance(model, torch.nn.Module):
+            model = model.to(device)
+        self.model, self.source, self.layout, self.modules = model, source, layout, modules
+        self.out_dir, self.cfg, self.device = Path(out_dir), cfg, device
+        self.ci = zarr.open_array(str(self.out_dir / CI_FILE), mode="r+")
+        fields = source.row_fields()
+        self.inputs = zarr.open_group(str(self.out_dir / INPUTS_FILE), mode="r+") if fields else None
+
+    def run(self, b: int) -> BlockResult:
+        return run_block(b, self.model, self.source, self.layout, self.modules, self.ci,
+                         self.inputs, self.out_dir / BLOCKS_DIR, self.cfg, self.device)
+
+
+def _run_on_ray(
+    todo: list[int], model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict],
+    out_dir: Path, cfg: ProfilesConfig, device: str, ray_cfg: RayConfig | None,
+) -> Any:
+    """Yield BlockResults as Ray actors finish blocks (at most one block in flight per actor)."""
+    import ray  # noqa: PLC0415
+    from ray.util import ActorPool  # noqa: PLC0415
+
+    from scalespd.raytools import cluster_cpus, cluster_gpus, ensure_ray  # noqa: PLC0415
+
+    ensure_ray(ray_cfg)
+    if device == "cuda":
+        gpus = cluster_gpus()
+        if gpus == 0:
+            raise ProfilesError("profiles.device is cuda but the Ray cluster has no GPUs")
+        n_actors = min(cfg.max_concurrency or gpus, len(todo))
+        opts: dict[str, Any] = {"num_gpus": min(1.0, gpus / n_actors), "num_cpus": 1}
+        threads = 1
+    else:
+        cpus = cluster_cpus()
+        n_actors = min(cfg.max_concurrency or cpus, len(todo))
+        opts = {"num_cpus": 1}
+        threads = max(1, cpus // n_actors)
+    remote_cls = ray.remote(_HarvestWorker)
+    model_ref = ray.put(model.to("cpu") if isinstance(model, torch.nn.Module) else model)
+    actors = [
+        remote_cls.options(**opts).remote(model_ref, source, layout, modules, str(out_dir), cfg,
+                                          device, threads)
+        for _ in range(n_actors)
+    ]
+    log.info("profiles: %d blocks on %d Ray actors (%s, %d torch threads each)",
+             len(todo), n_actors, device, threads)
+    try:
+        pool = ActorPool(actors)
+        yield from pool.map_unordered(lambda a, b: a.run.remote(b), todo)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+# --------------------------------------------------------------------------------------------
+# The harvest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HarvestResult:
+    out_dir: Path
+    shape: tuple[int, int]
+    n_blocks: int
+    n_computed: int  # blocks computed in this call (the rest came from the completion record)
+    n_alive: int
+    seconds: float
+    executor: str
+    device: str
+    stats: ColumnStats = field(repr=False)
+    block_results: list[BlockResult] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        computed_rows = sum(r.stop - r.start for r in self.block_results)
+        return {
+            "shape": list(self.shape),
+            "n_blocks": self.n_blocks,
+            "n_computed": self.n_computed,
+            "n_alive": self.n_alive,
+            "executor": self.executor,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(computed_rows / self.seconds, 1) if self.seconds > 0 else None,
+        }
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ProfilesError("profiles.device is 'cuda' but torch sees no CUDA GPU")
+    return device
+
+
+def _resolve_executor(executor: str, n_todo: int, cfg: ProfilesConfig) -> str:
+    if executor != "auto":
+        return executor
+    try:
+        import ray  # noqa: PLC0415
+
+        if ray.is_initialized():
+            return "ray"
+    except ImportError:
+        return "local"
+    return "ray" if n_todo > 1 and cfg.max_concurrency != 1 else "local"
+
+
+def harvest(
+    model: CIModel,
+    source: RowSource,
+    out_dir: str | Path,
+    cfg: ProfilesConfig,
+    *,
+    ray_cfg: RayConfig | None = None,
+    model_hash: str | None = None,
+    on_block: Callable[[BlockResult], None] | None = None,
+) -> HarvestResult:
+    """Write out_dir/ci.zarr (M, N), inputs.zarr, blocks/, components.csv, harvest.json.
+
+    model: anything with the `CIModel` attributes (an nn.Module is moved to the device and, for
+    Ray, shipped once per actor). source: the M input rows (see `sources`). Resumes from the
+    completion record; `on_block` is called in this process after each finished block (tests use
+    it to interrupt a harvest)."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    modules = module_table(model)
+    n_cols = sum(m["C"] for m in modules)
+    layout = BlockLayout.make(source.n_rows, n_cols, cfg.chunk_rows, cfg.chunk_cols,
+                              cfg.block_rows, np.dtype(cfg.dtype).itemsize)
+    device = _resolve_device(cfg.device)
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "rows": "inputs (one row per input; token positions for language models)",
+        "column_order": "module order, then subcomponent index; name = <module>:<c>",
+        "modules": modules,
+        "input_set": source.describe(),
+        "block_rows": layout.block_rows,
+        "model_hash": model_hash or model_fingerprint(model),
+    }
+    blocks_dir = out_dir / BLOCKS_DIR
+    fields = source.row_fields()
+    # Check everything that already exists before creating or writing anything.
+    check_ci(out_dir / CI_FILE, layout, cfg.dtype, attrs)
+    check_inputs(out_dir / INPUTS_FILE, layout, fields, attrs["input_set"])
+    done = finished_blocks(blocks_dir, layout)
+    if done and not (out_dir / CI_FILE).exists():
+        raise ProfilesError(f"{blocks_dir} lists finished blocks but {out_dir / CI_FILE} is "
+                            f"missing; delete {blocks_dir} to start over")
+    # Records written with another tau would merge wrong frac_active values.
+    for b in sorted(done):
+        with np.load(block_record_path(blocks_dir, b)) as rec:
+            if float(rec["tau"]) != cfg.tau:
+                raise ProfilesError(
+                    f"{block_record_path(blocks_dir, b)} was computed with tau={float(rec['tau'])}"
+                    f", this harvest uses tau={cfg.tau}; use the same tau or start over"
+                )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ci = create_or_open(out_dir / CI_FILE, layout, cfg.dtype, attrs, cfg.compression_level)
+    inputs = create_or_open_inputs(out_dir / INPUTS_FILE, layout, fields, attrs["input_set"])
+    blocks_dir.mkdir(exist_ok=True)
+
+    todo = [b for b in range(layout.n_blocks) if b not in done]
+    executor = _resolve_executor(cfg.executor, len(todo), cfg) if todo else "none"
+    log.info("profiles: (%d, %d) %s, %d blocks of %d rows, %d done, %d to do (%s)",
+             layout.n_rows, n_cols, cfg.dtype, layout.n_blocks, layout.block_rows, len(done),
+             len(todo), executor)
+    if isinstance(model, torch.nn.Module) and executor == "local":
+        model = model.to(device)
+
+    if executor == "ray":
+        results_iter = _run_on_ray(todo, model, source, layout, modules, out_dir, cfg, device,
+                                   ray_cfg)
+    else:
+        results_iter = (run_block(b, model, source, layout, modules, ci, inputs, blocks_dir, cfg,
+                                  device) for b in todo)
+    results: list[BlockResult] = []
+    tty = sys.stderr.isatty()
+    with tqdm(total=len(todo), desc="profiles blocks", unit="block", disable=not tty) as bar:
+        for r in results_iter:
+            results.append(r)
+            bar.update(1)
+            if not tty:
+                log.info("profiles: block %d/%d rows [%d, %d) in %.2f s", len(done) + len(results),
+                         layout.n_blocks, r.start, r.stop, r.seconds)
+            if on_block is not None:
+                on_block(r)
+
+    stats = load_merged_stats(blocks_dir, layout, cfg.tau)
+    table = write_components(out_dir / COMPONENTS_FILE, modules, stats, cfg.tau)
+    res = HarvestResult(out_dir, (layout.n_rows, n_cols), layout.n_blocks, len(results),
+                        int(table["alive"].sum()), time.perf_counter() - t0, executor, device,
+                        stats, results)
+    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2))
+    os.replace(tmp, out_dir / SUMMARY_FILE)
+    return res
+
+
+def load_merged_stats(blocks_dir: Path, layout: BlockLayout, tau: float) -> ColumnStats:
+    """Merge every block's record, in block order; all blocks must be finished."""
+    missing = [b for b in range(layout.n_blocks) if not block_record_path(blocks_dir, b).exists()]
+    if missing:
+        raise ProfilesError(f"{blocks_dir}: blocks {missing[:10]} are not finished")
+    parts = []
+    for b in range(layout.n_blocks):
+        with np.load(block_record_path(blocks_dir, b)) as rec:
+            parts.append(ColumnStats.from_arrays(dict(rec)))
+    return merge_all(parts, layout.n_cols, tau)
+
+
+def write_components(
+    path: Path, modules: list[dict[str, Any]], stats: ColumnStats, tau: float
+) -> pd.DataFrame:
+    """The per-component table (DESIGN §4), alive = max > tau."""
+    df = column_frame(modules)
+    df["max"] = stats.max
+    df["mean"] = stats.mean
+    df["std"] = stats.std
+    df["frac_active"] = stats.frac_active
+    df["alive"] = stats.max > tau
+    df = df[COMPONENT_COLUMNS]
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False, float_format="%.17g")
+    os.replace(tmp, path)
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+
+
+def open_profiles(profiles_dir: str | Path, allow_incomplete: bool = False) -> zarr.Array:
+    """The (M, N) CI array of a finished harvest (read-only)."""
+    profiles_dir = Path(profiles_dir)
+    path = profiles_dir / CI_FILE
+    if not path.exists():
+        raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
+    if not allow_incomplete and not (profiles_dir / SUMMARY_FILE).exists():
+        raise ProfilesError(f"{profiles_dir} holds an unfinished harvest ({SUMMARY_FILE} is "
+                            f"missing); re-run the profiles stage to complete it")
+    arr = zarr.open_array(str(path), mode="r")
+    if ATTR_KEY not in arr.attrs:
+        raise ProfilesError(f"{path} is not a scalespd profiles array (no {ATTR_KEY} attribute)")
+    return arr
+
+
+def read_components(profiles_dir: str | Path) -> pd.DataFrame:
+    """The per-component table: component, name, layer, module, module_type, max, mean, std,
+    frac_active, alive (one row per column of ci.zarr)."""
+    path = Path(profiles_dir) / COMPONENTS_FILE
+    if not path.exists():
+        raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
+    df = pd.read_csv(path)
+    missing = [c for c in COMPONENT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ProfilesError(f"{path} lacks columns {missing}")
+    df["alive"] = df["alive"].astype(bool)
+    return df
+
+
+def column_names(arr: zarr.Array) -> list[str]:
+    """`<module>:<c>` for every column of a profiles array, from its attributes."""
+    modules = arr.attrs[ATTR_KEY]["modules"]
+    return [f"{m['module']}:{c}" for m in modules for c in range(m["C"])]

@@ -1,0 +1,142 @@
+"""Streaming per-column statistics of the CI matrix, merged across row blocks in float64.
+
+Each block of rows yields a `ColumnStats` (count, mean, M2 = sum of squared deviations, max,
+number of rows above tau). Two of them merge exactly with Chan et al.'s parallel update, so the
+statistics of an (M, N) matrix are computed from blocks without ever holding it. Blocks are always
+merged in block order, so a resumed harvest gives the same float64 numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Statistics of n rows of N columns.
+
+    n: rows seen; mean, m2, max: (N,) float64; n_active: (N,) int64 rows with value > tau."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+    max: np.ndarray
+    n_active: np.ndarray
+    tau: float
+
+    @classmethod
+    def empty(cls, n_cols: int, tau: float) -> ColumnStats:
+        return cls(
+            n=0,
+            mean=np.zeros(n_cols),
+            m2=np.zeros(n_cols),
+            max=np.full(n_cols, -np.inf),
+            n_active=np.zeros(n_cols, dtype=np.int64),
+            tau=tau,
+        )
+
+    @classmethod
+    def of(cls, x: np.ndarray, tau: float) -> ColumnStats:
+        """Stats of a (rows, N) block (any float dtype; accumulated in float64, two-pass)."""
+        if x.ndim != 2:
+            raise ValueError(f"expected a 2-D (rows, N) block, got shape {x.shape}")
+        n = x.shape[0]
+        if n == 0:
+            return cls.empty(x.shape[1], tau)
+        x64 = x.astype(np.float64, copy=False)
+        mean = x64.mean(axis=0)
+        dev = x64 - mean
+        m2 = np.einsum("ij,ij->j", dev, dev)
+        return cls(
+            n=n,
+            mean=mean,
+            m2=m2,
+            max=x64.max(axis=0),
+            n_active=np.count_nonzero(x > tau, axis=0).astype(np.int64),
+            tau=tau,
+        )
+
+    @property
+    def n_cols(self) -> int:
+        return int(self.mean.shape[0])
+
+    def merge(self, other: ColumnStats) -> ColumnStats:
+        """Chan merge of two disjoint row sets: exact up to float64 rounding."""
+        if self.n_cols != other.n_cols:
+            raise ValueError(f"cannot merge stats of {self.n_cols} and {other.n_cols} columns")
+        if self.tau != other.tau:
+            raise ValueError(f"cannot merge stats computed with tau={self.tau} and {other.tau}")
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        return ColumnStats(
+            n=n,
+            mean=self.mean + delta * (other.n / n),
+            m2=self.m2 + other.m2 + delta * delta * (self.n * other.n / n),
+            max=np.maximum(self.max, other.max),
+            n_active=self.n_active + other.n_active,
+            tau=self.tau,
+        )
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation (ddof=0), (N,)."""
+        if self.n == 0:
+            return np.full(self.n_cols, np.nan)
+        return np.sqrt(np.maximum(self.m2 / self.n, 0.0))
+
+    @property
+    def frac_active(self) -> np.ndarray:
+        """Fraction of rows with value > tau, (N,)."""
+        return self.n_active / max(self.n, 1)
+
+    # ---- persistence (the per-block part of the completion record) ------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "n": np.asarray(self.n, dtype=np.int64),
+            "mean": self.mean,
+            "m2": self.m2,
+            "max": self.max,
+            "n_active": self.n_active,
+            "tau": np.asarray(self.tau, dtype=np.float64),
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> ColumnStats:
+        return cls(
+            n=int(a["n"]),
+            mean=np.asarray(a["mean"], dtype=np.float64),
+            m2=np.asarray(a["m2"], dtype=np.float64),
+            max=np.asarray(a["max"], dtype=np.float64),
+            n_active=np.asarray(a["n_active"], dtype=np.int64),
+            tau=float(a["tau"]),
+        )
+
+
+def merge_all(parts: list[ColumnStats], n_cols: int, tau: float) -> ColumnStats:
+    """Merge in list order (callers pass block order so the result is reproducible)."""
+    total = ColumnStats.empty(n_cols, tau)
+    for p in parts:
+        total = total.merge(p)
+    return total
+
+
+def atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz so that `path` either does not exist or is complete (tmp file + rename)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,279 @@
+"""On-disk layout of the profiles stage and its safety checks.
+
+    profiles/ci.zarr          (M, N) zarr v3, float16/32, zstd, chunks (chunk_rows, chunk_cols)
+    profiles/inputs.zarr      zarr v3 group, one (M, ...) array per row field of the source
+    profiles/blocks/          completion record: block_<b>.npz per finished row block (its row
+                              range and partial column stats), written after the block's data
+    profiles/components.csv   per-component table (DESIGN §4)
+    profiles/harvest.json     summary, written last: its presence means the harvest is complete
+
+Rows are split into blocks of `block_rows` rows, a whole number of row-chunks, and every block
+writes all N columns of its rows: each chunk of ci.zarr (and of inputs.zarr) belongs to exactly
+one block, so concurrent writers never share a chunk.
+
+Nothing here overwrites or deletes existing data: an existing array that does not match what
+this harvest would write is an error naming the file and every difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+FORMAT_VERSION = 1
+ATTR_KEY = "scalespd_profiles"
+# A chunk above this many bytes makes every read and write of it that large (and zstd
+# buffers a few times that); chunks this big are a config mistake, not a choice.
+MAX_CHUNK_BYTES = 1 << 30
+# Every chunk is one file (or object); more than this many is a config mistake.
+MAX_CHUNKS = 10_000_000
+
+
+class ProfilesError(ValueError):
+    """Bad profiles input or an existing output this harvest must not touch."""
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How M rows split into chunks and writer blocks. Chunk sizes are clipped to the shape."""
+
+    n_rows: int
+    n_cols: int
+    chunk_rows: int
+    chunk_cols: int
+    block_rows: int
+
+    @classmethod
+    def make(
+        cls, n_rows: int, n_cols: int, chunk_rows: int, chunk_cols: int, block_rows: int,
+        itemsize: int,
+    ) -> BlockLayout:
+        if n_rows <= 0 or n_cols <= 0:
+            raise ProfilesError(f"profiles shape must be positive, got ({n_rows}, {n_cols})")
+        if block_rows % chunk_rows:
+            raise ProfilesError(
+                f"profiles.block_rows ({block_rows}) must be a multiple of profiles.chunk_rows "
+                f"({chunk_rows}) so that each writer owns whole chunks"
+            )
+        cr, cc = min(chunk_rows, n_rows), min(chunk_cols, n_cols)
+        # A block shorter than the array still holds whole chunks: clip it to a multiple of cr.
+        br = min(block_rows, math.ceil(n_rows / cr) * cr)
+        chunk_bytes = cr * cc * itemsize
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise ProfilesError(
+                f"profiles chunk ({cr} x {cc}) is {chunk_bytes / 2**20:.0f} MiB; keep "
+                f"chunk_rows * chunk_cols * itemsize <= {MAX_CHUNK_BYTES >> 20} MiB"
+            )
+        n_chunks = math.ceil(n_rows / cr) * math.ceil(n_cols / cc)
+        if n_chunks > MAX_CHUNKS:
+            raise ProfilesError(
+                f"profiles chunks ({cr} x {cc}) split the ({n_rows}, {n_cols}) array into "
+                f"{n_chunks} chunks (> {MAX_CHUNKS}); raise profiles.chunk_rows/chunk_cols"
+            )
+        return cls(n_rows, n_cols, cr, cc, br)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.n_rows / self.block_rows)
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        """Rows [start, stop) of block b."""
+        if not 0 <= b < self.n_blocks:
+            raise IndexError(f"block {b} out of range 0..{self.n_blocks - 1}")
+        start = b * self.block_rows
+        return start, min(start + self.block_rows, self.n_rows)
+
+    def chunks_of_block(self, b: int) -> list[tuple[int, int]]:
+        """Chunk grid indices (row chunk, column chunk) that block b writes."""
+        start, stop = self.block_range(b)
+        rows = range(start // self.chunk_rows, math.ceil(stop / self.chunk_rows))
+        cols = range(math.ceil(self.n_cols / self.chunk_cols))
+        return [(r, c) for r in rows for c in cols]
+
+
+# --------------------------------------------------------------------------------------------
+# ci.zarr
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    """What `x` looks like after a JSON round trip (tuples -> lists), for comparisons."""
+    return json.loads(json.dumps(x))
+
+
+def _describe_existing(arr: zarr.Array) -> dict[str, Any]:
+    return {
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "chunks": list(arr.chunks),
+        "attributes": arr.attrs.get(ATTR_KEY),
+    }
+
+
+def _differences(path: Path, have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key, w in want.items():
+        h = have.get(key)
+        if key == "attributes" and isinstance(h, dict) and isinstance(w, dict):
+            for k in sorted(set(h) | set(w)):
+                if h.get(k) != w.get(k):
+                    diffs.append(f"attribute {ATTR_KEY}.{k}: existing {_short(h.get(k))}, "
+                                 f"this harvest {_short(w.get(k))}")
+        elif h != w:
+            diffs.append(f"{key}: existing {_short(h)}, this harvest {_short(w)}")
+    return diffs
+
+
+def _short(x: Any, limit: int = 200) -> str:
+    s = json.dumps(x, sort_keys=True)
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+def _open_existing(path: Path) -> zarr.Array:
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # not a zarr store at all, unreadable metadata, ...
+        raise ProfilesError(f"{path} exists but is not a readable zarr array ({err}); "
+                            f"move it away or choose another run directory") from None
+    if not isinstance(node, zarr.Array):
+        raise ProfilesError(f"{path} exists but is a zarr group, not an array")
+    return node
+
+
+def _ci_want(layout: BlockLayout, dtype: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "shape": [layout.n_rows, layout.n_cols],
+        "dtype": str(np.dtype(dtype)),
+        "chunks": [layout.chunk_rows, layout.chunk_cols],
+        "attributes": _jsonable(attributes),
+    }
+
+
+def check_ci(path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any]) -> None:
+    """If `path` exists it must be the array this harvest would create (shape, dtype, chunks,
+    attributes); otherwise a ProfilesError names the file and every difference."""
+    if not path.exists():
+        return
+    arr = _open_existing(path)
+    diffs = _differences(path, _describe_existing(arr), _ci_want(layout, dtype, attributes))
+    if diffs:
+        raise ProfilesError(
+            f"{path} already holds a different profiles array; refusing to overwrite it "
+            f"(delete it or use another run directory to start over):\n  " + "\n  ".join(diffs)
+        )
+
+
+def create_or_open(
+    path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any], level: int
+) -> zarr.Array:
+    """Create the (M, N) array, or re-open an existing one after `check_ci`. Never overwrites."""
+    if path.exists():
+        check_ci(path, layout, dtype, attributes)
+        return zarr.open_array(str(path), mode="r+")
+    return zarr.create_array(
+        store=str(path),
+        shape=(layout.n_rows, layout.n_cols),
+        chunks=(layout.chunk_rows, layout.chunk_cols),
+        dtype=dtype,
+        compressors=ZstdCodec(level=level),
+        fill_value=0,
+        attributes={ATTR_KEY: _jsonable(attributes)},
+        zarr_format=3,
+        overwrite=False,
+    )
+
+
+def _inputs_want(
+    layout: BlockLayout, dtype: str, shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], str, tuple[int, ...]]:
+    return (layout.n_rows, *shape), str(np.dtype(dtype)), (layout.chunk_rows, *shape)
+
+
+def check_inputs(
+    path: Path, layout: BlockLayout, fields: dict[str, tuple[str, tuple[int, ...]]],
+    describe: dict[str, Any],
+) -> None:
+    """If inputs.zarr exists, it must describe the same input set and its field arrays must have
+    the shape/dtype/chunks this harvest writes."""
+    if not path.exists():
+        return
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as err:
+        raise ProfilesError(f"{path} exists but is not a readable zarr group ({err})") from None
+    want_attr = _jsonable({"input_set": describe})
+    if _jsonable(group.attrs.get(ATTR_KEY)) != want_attr:
+        raise ProfilesError(
+            f"{path} describes another input set; refusing to overwrite it: existing "
+            f"{_short(group.attrs.get(ATTR_KEY))}, this harvest {_short(want_attr)}"
+        )
+    for name, (dtype, shape) in fields.items():
+        if name in group:
+            a = group[name]
+            have = (tuple(a.shape), str(a.dtype), tuple(a.chunks))
+            if have != _inputs_want(layout, dtype, shape):
+                raise ProfilesError(
+                    f"{path}/{name} has (shape, dtype, chunks) {have}, this harvest needs "
+                    f"{_inputs_want(layout, dtype, shape)}; refusing to overwrite it"
+                )
+
+
+def create_or_open_inputs(
+    path: Path, layout: BlockLayout, fields: dict[str, tuple[str, tuple[int, ...]]],
+    describe: dict[str, Any],
+) -> zarr.Group | None:
+    """inputs.zarr: one (M, *shape) array per row field, row-chunked like ci.zarr so that block b
+    owns the same rows there. None when the source has no row fields."""
+    if not fields:
+        return None
+    check_inputs(path, layout, fields, describe)
+    if path.exists():
+        group = zarr.open_group(str(path), mode="r+")
+    else:
+        group = zarr.create_group(str(path), zarr_format=3,
+                                  attributes={ATTR_KEY: _jsonable({"input_set": describe})})
+    for name, (dtype, shape) in fields.items():
+        if name not in group:
+            full, _, chunks = _inputs_want(layout, dtype, shape)
+            group.create_array(name, shape=full, chunks=chunks, dtype=dtype,
+                               compressors=ZstdCodec(level=3), fill_value=0)
+    return group
+
+
+# --------------------------------------------------------------------------------------------
+# Completion record
+# --------------------------------------------------------------------------------------------
+
+
+def block_record_path(blocks_dir: Path, b: int) -> Path:
+    return blocks_dir / f"block_{b:07d}.npz"
+
+
+def finished_blocks(blocks_dir: Path, layout: BlockLayout) -> set[int]:
+    """Blocks with a completion record; a record that does not fit the layout is an error."""
+    done: set[int] = set()
+    if not blocks_dir.exists():
+        return done
+    for p in sorted(blocks_dir.glob("block_*.npz")):
+        try:
+            b = int(p.stem.split("_")[1])
+            with np.load(p) as rec:
+                start, stop, n_cols = int(rec["start"]), int(rec["stop"]), int(rec["mean"].shape[0])
+        except Exception as err:
+            raise ProfilesError(f"completion record {p} is unreadable ({err}); delete it to "
+                                f"recompute that block") from None
+        if b >= layout.n_blocks or (start, stop) != layout.block_range(b) or n_cols != layout.n_cols:
+            raise ProfilesError(
+                f"completion record {p} (rows [{start}, {stop}), {n_cols} columns) does not fit "
+                f"this harvest's layout ({layout.n_blocks} blocks of {layout.block_rows} rows, "
+                f"{layout.n_cols} columns)"
+            )
+        done.add(b)
+    return done
