@@ -141,6 +141,7 @@ class BlockResult:
     seconds: float
     nbytes: int  # uncompressed bytes of CI written
     peak_rss: int  # bytes, of the process that ran the block
+    pid: int  # process that ran the block
 
 
 def _peak_rss_bytes() -> int:
@@ -211,7 +212,8 @@ def run_block(
         "block": np.asarray(b), "start": np.asarray(start), "stop": np.asarray(stop),
         **stats.to_arrays(),
     })
-    return BlockResult(b, start, stop, time.perf_counter() - t0, vals.nbytes, _peak_rss_bytes())
+    return BlockResult(b, start, stop, time.perf_counter() - t0, vals.nbytes, _peak_rss_bytes(),
+                       os.getpid())
 
 
 # --------------------------------------------------------------------------------------------
