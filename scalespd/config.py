@@ -281,8 +281,16 @@ class SpectralConfig(Cfg):
     # Subcomponents active (CI > tau) on more than this fraction of inputs form their own
     # "always-on" group before clustering (None: off, as in the paper).
     always_on_fraction: Probability | None = None
+    # How the always-on subcomponents are grouped: "single" = one cluster of all of them (the
+    # paper's expected TMS 5-2+ID identity cluster, ResidMLP's identity-projection cluster);
+    # "connected" = one cluster per connected set of them in the k-NN graph (isolated ones
+    # become singletons).
+    always_on_grouping: Literal["single", "connected"] = "single"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # On a GPU, components with at least this many nodes are solved there (eigensolver and
+    # k-means); smaller ones stay on the CPU, where their solve costs less than a transfer.
+    gpu_min_nodes: PosInt = 512
 
 
 class ReportConfig(Cfg):
