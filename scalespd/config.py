@@ -185,6 +185,8 @@ class DecomposeConfig(Cfg):
     save_every: PosInt = 1000
     # Threshold for alive counts / CI-L0 in the decomposition metrics.
     ci_alive_threshold: Fraction = 0.1
+    # Size of the fixed evaluation batch of the decomposition metrics.
+    eval_batch_size: PosInt = 4096
     # Ray Train scaling.
     num_workers: PosInt = 1
     use_gpu: bool = False
@@ -255,13 +257,25 @@ class GraphConfig(Cfg):
     k: PosInt = 10
     mutual: bool = True
     # Edges with correlation <= threshold are dropped before the k-NN selection.
-    # "auto": derived from the data (chance level for this M and N); 0.0: the paper's plain
-    # ReLU clamp.
+    # "auto": derived from the data (chance level for this M and N, see
+    # scalespd/graph/threshold.py); 0.0: the paper's plain ReLU clamp.
     edge_threshold: NonNegFloat | Literal["auto"] = "auto"
     # Family-wise false-positive rate the automatic threshold allows over all N^2/2 pairs.
     null_alpha: Probability = 0.01
+    # Tail model of a null (independent columns) correlation used by "auto": "bennett" bounds
+    # the row-permutation null from each column's largest |z| (right for sparse, spiky
+    # profiles, conservative for dense Gaussian ones); "gaussian" assumes normal data (t-test
+    # quantile) and under-estimates the tail of sparse profiles.
+    null_model: Literal["bennett", "gaussian"] = "bennett"
+    # "auto" never goes below the largest correlation among this many randomly chosen columns
+    # after shuffling each column's rows independently (an empirical floor; 0 turns it off).
+    null_perm_cols: NonNegInt = 1024
+    null_seed: int = 0
+    # Columns per tile (panel width). Memory per tile task ~ 2*row_chunk*tile_cols*4 B (panels)
+    # + a few tile_cols^2*4 B (tile and its top-k scratch).
     tile_cols: PosInt = 4096
-    row_chunk: PosInt = 65536
+    # Rows read (and z-scored) at once; tiles accumulate over row chunks when M is larger.
+    row_chunk: PosInt = 16384
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -1,0 +1,6 @@
+"""Graph stage: tiled Pearson correlation of the alive profile columns with a running top-k,
+a noise-aware edge threshold, a mutual k-NN graph and its connected components (DESIGN §4)."""
+
+from scalespd.graph.build import GraphResult, build_graph
+
+__all__ = ["GraphResult", "build_graph"]

@@ -1,0 +1,268 @@
+"""`build_graph`: profiles (M, N_total) -> column stats -> edge threshold -> top-k -> k-NN graph.
+
+The same plain functions run in this process (the default; NumPy or CuPy) or as Ray tasks
+(`use_ray=True`, one task per column panel for the statistics and one per row block for the
+correlation tiles); both give identical top-k lists because the top-k order is total.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from scalespd.backend import array_module, resolve_device
+from scalespd.config import GraphConfig
+from scalespd.graph.knn import components, knn_graph
+from scalespd.graph.panels import panel_bounds, validate_columns, validate_matrix
+from scalespd.graph.stats import (
+    ColumnStats,
+    check_rows,
+    column_stats,
+    panel_moments,
+    stats_from_moments,
+)
+from scalespd.graph.threshold import edge_threshold
+from scalespd.graph.topk import TileSource, empty_topk, merge_topk, row_block_topk, tiled_topk
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class GraphResult:
+    """The correlation k-NN graph of n selected columns.
+
+    columns: (n,) global column ids (local node i is column columns[i]).
+    mean, std, min, max: (n,) float64 column statistics (population std).
+    zero_var: (n,) bool — constant columns: no neighbours, isolated, counted.
+    topk_idx: (n, k) int64 local neighbour ids, best first (-1 = none).
+    topk_val: (n, k) float32 correlations of those neighbours (0 where none).
+    graph: (n, n) symmetric float64 CSR weight matrix (mutual or union k-NN).
+    labels: (n,) int64 connected-component id per node.
+    threshold: the edge threshold used (candidates need correlation > threshold).
+    summary: JSON-able record (threshold derivation, counts, sizes, timings, config)."""
+
+    columns: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    zero_var: np.ndarray
+    topk_idx: np.ndarray
+    topk_val: np.ndarray
+    graph: sp.csr_matrix
+    labels: np.ndarray
+    threshold: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write stats.npz, topk.npz, graph.npz, labels.npy, then summary.json (last, so its
+        presence marks a complete output)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SUMMARY).unlink(missing_ok=True)
+        np.savez(out / "stats.npz", columns=self.columns, mean=self.mean, std=self.std,
+                 min=self.min, max=self.max, zero_var=self.zero_var)
+        np.savez(out / "topk.npz", idx=self.topk_idx, val=self.topk_val)
+        sp.save_npz(out / "graph.npz", self.graph)
+        np.save(out / "labels.npy", self.labels)
+        tmp = out / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(self.summary, indent=2, default=_json_default))
+        tmp.replace(out / SUMMARY)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> GraphResult:
+        out = Path(out_dir)
+        if not (out / SUMMARY).exists():
+            raise FileNotFoundError(
+                f"{out} holds no complete graph output ({SUMMARY} is missing); "
+                "run the graph stage again"
+            )
+        summary = json.loads((out / SUMMARY).read_text())
+        with np.load(out / "stats.npz") as st, np.load(out / "topk.npz") as tk:
+            return cls(
+                columns=st["columns"], mean=st["mean"], std=st["std"], min=st["min"],
+                max=st["max"], zero_var=st["zero_var"], topk_idx=tk["idx"], topk_val=tk["val"],
+                graph=sp.csr_matrix(sp.load_npz(out / "graph.npz")),
+                labels=np.load(out / "labels.npy"), threshold=float(summary["threshold"]),
+                summary=summary,
+            )
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray execution (the same functions as tasks)
+# --------------------------------------------------------------------------------------------
+
+
+def _ray_block_task(
+    X: Any, columns: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+    geometry: tuple[int, int, int], a: int, k: int, threshold: float, device: str,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    n_rows, tile_cols, row_chunk = geometry
+    src = TileSource(X, columns, mean, scale, n_rows, tile_cols, row_chunk)
+    v, i = row_block_topk(src, a, k, threshold, array_module(device))  # type: ignore[arg-type]
+    return a, v, i
+
+
+def _ray_stats(X: Any, columns: np.ndarray, cfg: GraphConfig) -> ColumnStats:
+    import ray  # noqa: PLC0415
+
+    n_rows = int(X.shape[0])
+    x_ref = ray.put(X)
+    task = ray.remote(num_cpus=1)(panel_moments)
+    refs = [task.remote(x_ref, columns[p0:p1], n_rows, cfg.row_chunk)
+            for p0, p1 in panel_bounds(columns.size, cfg.tile_cols)]
+    return stats_from_moments(n_rows, ray.get(refs))
+
+
+def _ray_topk(src: TileSource, k: int, threshold: float, device: str) -> tuple[np.ndarray, ...]:
+    import ray  # noqa: PLC0415
+
+    task = ray.remote(_ray_block_task).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
+    shared = [ray.put(x) for x in (src.X, src.columns, src.mean, src.scale)]
+    geometry = (src.n_rows, src.tile_cols, src.row_chunk)
+    panels = src.panels
+    # Block a holds len(panels) - a tiles: submit the big ones first to balance the tail.
+    pending = [task.remote(*shared, geometry, a, k, threshold, device) for a in range(len(panels))]
+    vals, idx = empty_topk(src.columns.size, k)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        a, v, i = ray.get(done[0])
+        sa = panels[a][0]
+        vals[sa:], idx[sa:] = merge_topk(vals[sa:], idx[sa:], v, i, k)
+        log.debug("graph: row block %d/%d merged", a + 1, len(panels))
+    return vals, idx
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def build_graph(
+    X: Any,
+    cfg: GraphConfig,
+    columns: np.ndarray | None = None,
+    device: str = "cpu",
+    use_ray: bool = False,
+) -> GraphResult:
+    """The correlation k-NN graph of the columns `columns` of X.
+
+    X: (M, N_total) zarr.Array or np.ndarray (read in (row_chunk, tile_cols) blocks, never
+    whole). columns: (n,) global ids of the alive columns (None: all), in node order.
+    device: "cpu" | "cuda" | "auto" for the tile math. use_ray: run the panels and row blocks
+    as Ray tasks (Ray must already be initialised, e.g. by scalespd.raytools.ensure_ray).
+
+    Raises ValueError for a non-2-D or non-numeric X, fewer than 2 rows, an empty / repeated /
+    out-of-range column selection, and NaN or inf values in the selected columns. When k is
+    at least the number of non-constant columns, every node simply keeps all of its candidates
+    (a warning says so; the lists stay (n, k) with -1 padding)."""
+    t0 = time.perf_counter()
+    n_rows, n_total = validate_matrix(X)
+    cols = validate_columns(columns, n_total)
+    check_rows(n_rows)
+    dev = resolve_device(device)
+    xp = array_module(dev)
+    if use_ray:
+        import ray  # noqa: PLC0415
+
+        if not ray.is_initialized():
+            raise RuntimeError("build_graph(use_ray=True) needs Ray initialised "
+                               "(call scalespd.raytools.ensure_ray first)")
+    timings: dict[str, float] = {}
+
+    # Pass 1: column statistics; constant columns are set aside.
+    stats = (_ray_stats(X, cols, cfg) if use_ray
+             else column_stats(X, cols, cfg.tile_cols, cfg.row_chunk))
+    timings["stats_s"] = time.perf_counter() - t0
+    active = np.flatnonzero(~stats.zero_var)
+    n, k = cols.size, cfg.k
+    if active.size <= k:
+        warnings.warn(
+            f"graph.k = {k} is not smaller than the number of non-constant columns "
+            f"({active.size}): every node keeps all of its candidate neighbours",
+            stacklevel=2,
+        )
+
+    # The edge threshold (data-derived unless given).
+    t1 = time.perf_counter()
+    threshold, tinfo = edge_threshold(
+        cfg.edge_threshold, stats.max_abs_z[active], X, cols[active], n_rows, cfg.row_chunk,
+        alpha=cfg.null_alpha, null_model=cfg.null_model, perm_cols=cfg.null_perm_cols,
+        seed=cfg.null_seed,
+    )
+    timings["threshold_s"] = time.perf_counter() - t1
+    log.info("graph: %d columns (%d constant), M = %d, edge threshold %.4f (%s)",
+             n, n - active.size, n_rows, threshold, tinfo["method"])
+
+    # Pass 2: tiled correlation with a running top-k over the non-constant columns.
+    t2 = time.perf_counter()
+    vals = np.full((0, k), -np.inf, dtype=np.float32)
+    idx = np.full((0, k), -1, dtype=np.int64)
+    if active.size:
+        src = TileSource(
+            X, cols[active], stats.mean[active].astype(np.float32),
+            (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
+            n_rows, cfg.tile_cols, cfg.row_chunk,
+        )
+        vals, idx = _ray_topk(src, k, threshold, dev) if use_ray else tiled_topk(
+            src, k, threshold, xp)
+    timings["topk_s"] = time.perf_counter() - t2
+
+    # Back to all n nodes: constant columns keep empty lists.
+    topk_idx = np.full((n, k), -1, dtype=np.int64)
+    topk_val = np.zeros((n, k), dtype=np.float32)
+    ok = idx >= 0
+    topk_idx[active] = np.where(ok, active[np.where(ok, idx, 0)], -1)
+    topk_val[active] = np.where(ok, vals, 0.0)
+
+    t3 = time.perf_counter()
+    W = knn_graph(topk_idx, topk_val, n, cfg.mutual)
+    n_comp, labels = components(W)
+    timings["graph_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+
+    sizes = np.bincount(labels)
+    size_values, size_counts = np.unique(sizes, return_counts=True)
+    summary = {
+        "n_columns": n,
+        "n_rows": n_rows,
+        "n_zero_var": int(stats.zero_var.sum()),
+        "zero_var_columns": cols[stats.zero_var][:1000].tolist(),
+        "k": k,
+        "mutual": cfg.mutual,
+        "threshold": threshold,
+        "threshold_info": tinfo,
+        "n_edges": int(W.nnz // 2),
+        "n_components": n_comp,
+        "n_isolated": int((sizes == 1).sum()),
+        "largest_components": np.sort(sizes)[::-1][:20].tolist(),
+        "component_size_counts": {int(s): int(c) for s, c in zip(size_values, size_counts)},
+        "device": dev,
+        "ray": use_ray,
+        "timings": {key: round(v, 4) for key, v in timings.items()},
+        "config": cfg.model_dump(mode="json"),
+    }
+    return GraphResult(
+        columns=cols, mean=stats.mean, std=stats.std, min=stats.min, max=stats.max,
+        zero_var=stats.zero_var, topk_idx=topk_idx, topk_val=topk_val, graph=W,
+        labels=labels, threshold=threshold, summary=summary,
+    )
