@@ -1,0 +1,196 @@
+"""Reading the earlier stages' outputs for the report.
+
+Everything is indexed by the n *alive* subcomponents, in ascending global column order (the
+order of `components.csv` rows with alive = True). The graph's own node order (its `columns`) is
+mapped onto that order here, so the rest of the report never has to think about it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+COMPONENT_COLUMNS = ("component", "name", "layer", "module", "module_type", "alive")
+CLUSTER_COLUMNS = ("component", "name", "layer", "module", "alive", "connected_component",
+                   "cluster")
+
+
+class ReportInputError(ValueError):
+    """An earlier stage's output is missing or not in the expected format."""
+
+
+@dataclass
+class RunArtifacts:
+    """What the report reads. n = number of alive subcomponents, N = all subcomponents.
+
+    components: (N rows) profiles/components.csv.
+    alive_ids: (n,) global column ids of the alive subcomponents, ascending.
+    clusters: (n,) cluster id per alive node (-1: excluded).
+    connected: (n,) connected-component id per alive node.
+    graph: (n, n) symmetric CSR weights in alive_ids order, or None if no graph was saved.
+    spectra: per connected component that was solved: component, size, eigenvalues, k.
+    profiles_path: the (M, N) ci.zarr, or None.
+    manifest: run_dir/manifest.json (empty if absent).
+    """
+
+    components: pd.DataFrame
+    alive_ids: np.ndarray
+    clusters: np.ndarray
+    connected: np.ndarray
+    graph: sp.csr_matrix | None
+    spectra: list[dict[str, Any]]
+    profiles_path: Path | None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    graph_threshold: float | None = None
+
+    @property
+    def alive(self) -> pd.DataFrame:
+        """The components.csv rows of the alive nodes, in node order."""
+        return self.components.loc[self.alive_ids]
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise ReportInputError(f"{path} is missing (run the stage that writes it first)")
+    df = pd.read_csv(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ReportInputError(f"{path}: missing columns {missing}; expected {list(required)}")
+    return df
+
+
+def _as_bool(col: pd.Series) -> np.ndarray:
+    if col.dtype == bool:
+        return col.to_numpy()
+    return col.astype(str).str.lower().isin(["true", "1"]).to_numpy()
+
+
+def read_components(profiles_dir: Path) -> pd.DataFrame:
+    """components.csv indexed by global component id (0..N-1, each exactly once)."""
+    df = _read_csv(profiles_dir / "components.csv", COMPONENT_COLUMNS)
+    df["alive"] = _as_bool(df["alive"])
+    ids = df["component"].to_numpy()
+    if not np.array_equal(np.sort(ids), np.arange(len(df))):
+        raise ReportInputError(
+            f"{profiles_dir / 'components.csv'}: 'component' must hold each id 0..{len(df) - 1} "
+            f"exactly once"
+        )
+    return df.set_index("component", drop=False).sort_index()
+
+
+def read_clusters(spectral_dir: Path, components: pd.DataFrame) -> pd.DataFrame:
+    """clusters.csv indexed by global component id, checked against components.csv."""
+    path = spectral_dir / "clusters.csv"
+    df = _read_csv(path, CLUSTER_COLUMNS)
+    df["alive"] = _as_bool(df["alive"])
+    df = df.set_index("component", drop=False).sort_index()
+    if not df.index.equals(components.index):
+        raise ReportInputError(
+            f"{path}: has {len(df)} rows for components {df.index.min()}..{df.index.max()}; "
+            f"expected one row per component of profiles/components.csv ({len(components)})"
+        )
+    if (df["name"].astype(str).to_numpy() != components["name"].astype(str).to_numpy()).any():
+        raise ReportInputError(f"{path}: component names differ from profiles/components.csv")
+    return df
+
+
+def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
+    """Per-component spectra, normalised to dicts with component, size, eigenvalues, k.
+
+    Accepts a list of records or a mapping component-id -> record; `k`, `K` or `chosen_k` for the
+    chosen number of clusters. Missing file -> []."""
+    path = spectral_dir / "spectra.json"
+    if not path.is_file():
+        return []
+    raw = json.loads(path.read_text())
+    if isinstance(raw, dict) and "components" in raw:
+        raw = raw["components"]
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw)
+    out = []
+    for key, rec in items:
+        if not isinstance(rec, dict) or "eigenvalues" not in rec:
+            raise ReportInputError(f"{path}: entry {key!r} has no 'eigenvalues'")
+        k = next((rec[f] for f in ("k", "K", "chosen_k", "n_clusters") if f in rec), None)
+        out.append({
+            "component": rec.get("component", rec.get("connected_component",
+                                                      rec.get("key", key))),
+            "depth": int(rec.get("depth", 0)),
+            "size": rec.get("size", rec.get("n_nodes")),
+            "eigenvalues": [float(v) for v in rec["eigenvalues"]],
+            "k": None if k is None else int(k),
+        })
+    return out
+
+
+def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix | None,
+                                                                 float | None]:
+    """The saved k-NN graph re-indexed to alive_ids order (None if the graph stage left none)."""
+    if not graph_dir.exists():
+        return None, None
+    from scalespd.graph import GraphResult  # noqa: PLC0415
+
+    g = GraphResult.load(graph_dir)
+    cols = np.asarray(g.columns)
+    pos = np.searchsorted(alive_ids, cols)
+    if (pos >= len(alive_ids)).any() or not np.array_equal(alive_ids[np.minimum(
+            pos, len(alive_ids) - 1)], cols):
+        raise ReportInputError(
+            f"{graph_dir}: graph columns are not a subset of the alive components of "
+            f"profiles/components.csv"
+        )
+    W = sp.csr_matrix(g.graph).tocoo()
+    n = len(alive_ids)
+    W = sp.csr_matrix((W.data, (pos[W.row], pos[W.col])), shape=(n, n))
+    thr = getattr(g, "threshold", None)
+    return W, None if thr is None else float(thr)
+
+
+def load_run(run_dir: Path) -> RunArtifacts:
+    """Read profiles/components.csv, spectral/clusters.csv + spectra.json, graph/ and
+    manifest.json from a run directory."""
+    run_dir = Path(run_dir)
+    components = read_components(run_dir / "profiles")
+    clusters = read_clusters(run_dir / "spectral", components)
+    alive_ids = components.index[components["alive"].to_numpy()].to_numpy()
+    if not np.array_equal(clusters["alive"].to_numpy(), components["alive"].to_numpy()):
+        raise ReportInputError(
+            f"{run_dir / 'spectral/clusters.csv'}: 'alive' differs from profiles/components.csv"
+        )
+    graph, thr = _load_graph(run_dir / "graph", alive_ids)
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    zarr_path = run_dir / "profiles" / "ci.zarr"
+    return RunArtifacts(
+        components=components,
+        alive_ids=alive_ids,
+        clusters=clusters.loc[alive_ids, "cluster"].to_numpy(dtype=np.int64),
+        connected=clusters.loc[alive_ids, "connected_component"].to_numpy(dtype=np.int64),
+        graph=graph,
+        spectra=read_spectra(run_dir / "spectral"),
+        profiles_path=zarr_path if zarr_path.exists() else None,
+        manifest=manifest,
+        graph_threshold=thr,
+    )
+
+
+def read_profile_columns(profiles_path: Path, columns: np.ndarray, max_rows: int) -> np.ndarray:
+    """(min(M, max_rows), len(columns)) float32 slice of ci.zarr: only the chunks that hold
+    these columns in the first rows are read."""
+    import zarr  # noqa: PLC0415
+
+    arr = zarr.open_array(str(profiles_path), mode="r")
+    if arr.ndim != 2:
+        raise ReportInputError(f"{profiles_path}: expected a 2-D (M, N) array, got {arr.shape}")
+    rows = min(arr.shape[0], max_rows)
+    cols = np.asarray(columns, dtype=np.int64)
+    order = np.argsort(cols)  # orthogonal selection wants increasing indices
+    out = np.empty((rows, len(cols)), dtype=np.float32)
+    if len(cols):
+        out[:, order] = arr.get_orthogonal_selection((slice(0, rows), cols[order]))
+    return out
