@@ -1,0 +1,50 @@
+"""The profiles stage: load the SPD model from run_dir, harvest its CI over the configured inputs
+into run_dir/profiles/ (ci.zarr, inputs.zarr, blocks/, components.csv, harvest.json).
+
+Re-running after an interruption resumes from the completion record in profiles/blocks/.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from scalespd.config import RunConfig
+from scalespd.profiles.harvest import CIModel, harvest
+from scalespd.profiles.sources import ToyRowSource
+from scalespd.profiles.store import ProfilesError
+
+log = logging.getLogger(__name__)
+
+
+def check_model_matches_config(model: CIModel, cfg: RunConfig, where: Path) -> None:
+    """The loaded decomposition must decompose exactly the modules (and C) the config asks for."""
+    from scalespd.targets import module_paths  # noqa: PLC0415
+    from scalespd.train.components import match_modules  # noqa: PLC0415
+
+    expected = match_modules([(m.pattern, m.C) for m in cfg.decompose.modules],
+                             module_paths(cfg.target))
+    got = {p: int(model.C[p]) for p in model.module_paths}
+    if list(got) != list(expected) or got != expected:
+        diffs = [f"{p}: checkpoint C={got.get(p, 'absent')}, config C={expected.get(p, 'absent')}"
+                 for p in dict.fromkeys([*expected, *got]) if got.get(p) != expected.get(p)]
+        if not diffs:
+            diffs = [f"module order: checkpoint {list(got)}, config {list(expected)}"]
+        raise ProfilesError(
+            f"the decomposition in {where} does not match the config's decompose.modules:\n  "
+            + "\n  ".join(diffs)
+            + "\n(re-run the decompose stage with --force decompose, or fix the config)"
+        )
+
+
+def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    from scalespd.train import load_decomposition  # noqa: PLC0415  (heavy; only when run)
+
+    run_dir = Path(run_dir)
+    model = load_decomposition(run_dir)
+    check_model_matches_config(model, cfg, run_dir / "decompose")
+    source = ToyRowSource(cfg.target, cfg.profiles)
+    res = harvest(model, source, run_dir / "profiles", cfg.profiles, ray_cfg=cfg.ray)
+    log.info("profiles: %d x %d CI matrix, %d alive of %d", *res.shape, res.n_alive, res.shape[1])
+    return res.summary()
