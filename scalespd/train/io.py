@@ -1,0 +1,63 @@
+"""Loading a finished decomposition from a run directory (no Ray needed).
+
+run_dir/decompose/final/ holds `model.pt` ({"components": ..., "ci_fns": ...} state dicts of the
+ComponentModel) and `meta.json` (the target and decompose configs, steps, final metrics); the
+frozen target itself lives once, in run_dir/target/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalespd.config import DecomposeConfig
+
+FINAL_DIR = "final"
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+
+
+def final_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "decompose" / FINAL_DIR
+
+
+def read_final_meta(run_dir: str | Path) -> dict[str, Any] | None:
+    """final/meta.json of a finished decomposition, or None when there is none (yet)."""
+    d = final_dir(run_dir)
+    if not (d / META_FILE).is_file() or not (d / MODEL_FILE).is_file():
+        return None
+    return json.loads((d / META_FILE).read_text())
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What final/model.pt stores: the trained parts only (the target is in run_dir/target)."""
+    return {"components": model.components.state_dict(), "ci_fns": model.ci_fns.state_dict()}
+
+
+def load_decomposition(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """The trained ComponentModel of run_dir (target from run_dir/target, SPD parts from
+    run_dir/decompose/final), in eval mode on `device`."""
+    from scalespd.targets import load_target, module_info  # noqa: PLC0415
+    from scalespd.train.components import ComponentModel, match_modules  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    meta = read_final_meta(run_dir)
+    if meta is None:
+        raise FileNotFoundError(
+            f"{final_dir(run_dir)} has no finished decomposition ({MODEL_FILE} + {META_FILE}); "
+            f"run the decompose stage first")
+    target, target_cfg = load_target(run_dir / "target")
+    if target_cfg.model_dump(mode="json") != meta["target"]:
+        raise ValueError(f"{final_dir(run_dir) / META_FILE} was trained on a different target "
+                         f"than {run_dir / 'target'}; re-run with --force decompose")
+    dcfg = DecomposeConfig.model_validate(meta["decompose"])
+    infos = module_info(target_cfg)
+    module_C = match_modules([(m.pattern, m.C) for m in dcfg.modules], [i.path for i in infos])
+    model = ComponentModel(target, module_C, infos, dcfg)
+    state = torch.load(final_dir(run_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.components.load_state_dict(state["components"])
+    model.ci_fns.load_state_dict(state["ci_fns"])
+    return model.to(device).eval()

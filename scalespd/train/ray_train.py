@@ -1,0 +1,279 @@
+"""The decompose stage under Ray Train: one `TorchTrainer` run per run directory, resumable.
+
+Layout under `run_dir/decompose/`:
+
+    ray/decompose/checkpoint_<step>/   Ray Train checkpoints (state.pt, metrics.json, ci_heatmap.png)
+    attempts.jsonl                     one line per (re)start of the worker group: start step, world size
+    final/model.pt, final/meta.json    the finished SPD model (written last, atomically)
+    metrics.json, ci_heatmap.png       final decomposition metrics and CI heatmap
+
+Resuming follows Ray Train v2: constructing the trainer again with the same
+`RunConfig(name, storage_path)` makes `ray.train.get_checkpoint()` return the latest reported
+checkpoint, so re-running an interrupted stage (or a worker restart under
+`FailureConfig(max_failures)`) continues from that step instead of from 0.
+
+Ray sets up the torch process group (gloo on CPU, nccl on GPU) before `train_loop_per_worker`
+runs; the SPD trainer only needs its rank and world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalespd.config import RunConfig
+from scalespd.train.io import FINAL_DIR, META_FILE, MODEL_FILE, model_state, read_final_meta
+
+log = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "decompose"  # stable: a re-run of the same run directory resumes this Ray run
+CHECKPOINTS_TO_KEEP = 3
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+HEATMAP_FILE = "ci_heatmap.png"
+
+
+def decompose_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "decompose"
+
+
+def storage_path(run_dir: Path) -> Path:
+    """Where Ray Train keeps this run's checkpoints (absolute: Ray requires it)."""
+    return decompose_dir(run_dir).resolve() / "ray"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return storage_path(run_dir) / RAY_RUN_NAME
+
+
+# --------------------------------------------------------------------------------------------
+# Inside each worker
+# --------------------------------------------------------------------------------------------
+
+
+def _default_trainer_cls() -> type:
+    from scalespd.train.trainer import SPDTrainer  # noqa: PLC0415
+
+    return SPDTrainer
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        out[str(k)] = v
+    return out
+
+
+def _write_checkpoint_dir(trainer: Any, eval_metrics: dict[str, Any], step: int) -> Path:
+    """Rank 0: a fresh local directory holding everything needed to resume and inspect."""
+    # mkdtemp, not TemporaryDirectory: Ray copies it during report() and we remove it after.
+    d = Path(tempfile.mkdtemp(prefix=f"scalespd_ckpt_{step:07d}_"))
+    torch.save(trainer.state_dict(), d / STATE_FILE)
+    (d / METRICS_FILE).write_text(json.dumps({"step": step, **eval_metrics}, indent=2))
+    trainer.save_ci_heatmap(d / HEATMAP_FILE)
+    return d
+
+
+def _write_final(trainer: Any, cfg: RunConfig, run_dir: Path, eval_metrics: dict[str, Any],
+                 world_size: int) -> None:
+    """Rank 0: the finished model and metrics. `final/` appears only when complete (rename)."""
+    out = decompose_dir(run_dir)
+    tmp = out / f"{FINAL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(model_state(trainer.model), tmp / MODEL_FILE)
+    meta = {
+        "steps": trainer.step,
+        "world_size": world_size,
+        "target": cfg.target.model_dump(mode="json"),
+        "decompose": cfg.decompose.model_dump(mode="json"),
+        "metrics": eval_metrics,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    trainer.save_ci_heatmap(out / HEATMAP_FILE)
+    (out / METRICS_FILE).write_text(json.dumps({"step": trainer.step, **eval_metrics}, indent=2))
+    final = out / FINAL_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+
+
+def _log_attempt(run_dir: Path, record: dict[str, Any]) -> None:
+    with (decompose_dir(run_dir) / "attempts.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The body each Ray Train worker runs.
+
+    config: {"run": RunConfig as JSON, "run_dir": str, "threads": int, optional "trainer_cls"}.
+    Every rank calls `ray.train.report` at the same steps (it is a barrier); only rank 0
+    attaches checkpoints and writes files."""
+    import ray.train  # noqa: PLC0415
+    import ray.train.torch  # noqa: PLC0415
+
+    from scalespd.targets import load_target  # noqa: PLC0415
+
+    cfg = RunConfig.model_validate(config["run"])
+    dcfg = cfg.decompose
+    run_dir = Path(config["run_dir"])
+    torch.set_num_threads(int(config.get("threads", 1)))
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    trainer_cls = config.get("trainer_cls") or _default_trainer_cls()
+
+    target, target_cfg = load_target(run_dir / "target")
+    trainer = trainer_cls(target, target_cfg, dcfg, device=device, rank=rank,
+                          world_size=world_size)
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        trainer.load_state_dict(state)
+        log.info("rank %d resumed from checkpoint at step %d", rank, trainer.step)
+    else:
+        trainer.faithfulness_warmup()
+    if rank == 0:
+        _log_attempt(run_dir, {"start_step": trainer.step, "resumed": ckpt is not None,
+                               "world_size": world_size, "time": time.time()})
+
+    eval_metrics: dict[str, Any] | None = None
+    t0, steps_done = time.perf_counter(), 0
+    while trainer.step < dcfg.steps:
+        metrics = trainer.train_step()
+        steps_done += 1
+        step = trainer.step  # number of optimisation steps completed
+        if step % dcfg.save_every == 0 or step == dcfg.steps:
+            eval_metrics = _report_with_checkpoint(trainer, metrics, step, rank, t0, steps_done)
+        elif step % dcfg.log_every == 0:
+            ray.train.report(_train_metrics(metrics, step, t0, steps_done))
+
+    if rank == 0:
+        if eval_metrics is None:
+            # Resumed from the checkpoint of the last step (killed before final/ was written).
+            eval_metrics = _jsonable(trainer.evaluate())
+        _write_final(trainer, cfg, run_dir, eval_metrics, world_size)
+
+
+def _train_metrics(metrics: dict[str, Any], step: int, t0: float, steps_done: int
+                   ) -> dict[str, Any]:
+    out = _jsonable(metrics)
+    out["step"] = step
+    out["steps_per_s"] = steps_done / max(time.perf_counter() - t0, 1e-9)
+    return out
+
+
+def _report_with_checkpoint(trainer: Any, metrics: dict[str, Any], step: int, rank: int,
+                            t0: float, steps_done: int) -> dict[str, Any]:
+    """Report on every rank; rank 0 evaluates and attaches a checkpoint. Returns rank 0's eval
+    metrics ({} on other ranks)."""
+    import ray.train  # noqa: PLC0415
+
+    report = _train_metrics(metrics, step, t0, steps_done)
+    if rank != 0:
+        # evaluate() is deterministic and uses no collectives: rank 0's result is the result.
+        ray.train.report(report)
+        return {}
+    eval_metrics = _jsonable(trainer.evaluate())
+    report.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+    d = _write_checkpoint_dir(trainer, eval_metrics, step)
+    try:
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
+                         checkpoint_dir_name=f"checkpoint_{step:07d}")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return eval_metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------------------------
+
+
+def _cpus_per_worker(num_workers: int, use_gpu: bool) -> int:
+    """Give each CPU worker an equal share of the largest node's CPUs (at least 1), so a single
+    worker on a 2-core machine uses both cores, and torch threads match the reservation."""
+    import ray  # noqa: PLC0415
+
+    if use_gpu:
+        return 1
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    largest = int(max(node_cpus, default=1))
+    total = int(sum(node_cpus))
+    return max(1, min(largest, total // num_workers))
+
+
+def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | None = None
+           ) -> dict[str, Any]:
+    """Run (or resume) the decomposition of `run_dir/target` with Ray Train.
+
+    Returns the final metrics, the number of steps and the wall time. `trainer_cls` replaces
+    the SPD trainer (same constructor and methods); only tests use it."""
+    import ray.train  # noqa: PLC0415
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+
+    from scalespd.raytools import ensure_ray  # noqa: PLC0415
+
+    dcfg = cfg.decompose
+    run_dir = Path(run_dir).resolve()
+    decompose_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    ensure_ray(cfg.ray)
+    cpus = _cpus_per_worker(dcfg.num_workers, dcfg.use_gpu)
+    resumed = checkpoint_root(run_dir).exists()
+    log.info("decompose: %s Ray Train run %r (%d worker(s) x %d CPU%s) in %s",
+             "resuming" if resumed else "starting", RAY_RUN_NAME, dcfg.num_workers, cpus,
+             " + 1 GPU" if dcfg.use_gpu else "", storage_path(run_dir))
+
+    loop_config: dict[str, Any] = {
+        "run": cfg.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "threads": cpus,
+    }
+    if trainer_cls is not None:
+        loop_config["trainer_cls"] = trainer_cls
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=dcfg.num_workers,
+            use_gpu=dcfg.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if dcfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(storage_path(run_dir)),
+            failure_config=ray.train.FailureConfig(max_failures=dcfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+        ),
+    )
+    t0 = time.perf_counter()
+    trainer.fit()  # raises ray.train.TrainingFailedError when the workers fail for good
+    seconds = time.perf_counter() - t0
+
+    meta = read_final_meta(run_dir)
+    if meta is None:
+        raise RuntimeError(f"Ray Train finished but {decompose_dir(run_dir) / FINAL_DIR} is "
+                           f"missing (is run_dir on storage shared by all nodes?)")
+    return {"steps": meta["steps"], "world_size": meta["world_size"],
+            "seconds": round(seconds, 3), "metrics": meta["metrics"]}
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    """Step of the newest checkpoint directory on disk (for logs and tests), None if none."""
+    root = checkpoint_root(run_dir)
+    steps = [int(p.name.split("_")[-1]) for p in root.glob("checkpoint_*")
+             if p.is_dir() and p.name.split("_")[-1].isdigit()]
+    return max(steps, default=None)
+

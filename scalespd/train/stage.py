@@ -1,0 +1,65 @@
+"""Decompose stage for the orchestrator (`python -m scalespd.run`): run_dir/target -> run_dir/decompose.
+
+A finished decomposition made with the same target and decompose config is kept as it is; an
+interrupted one resumes from its latest Ray Train checkpoint (see `ray_train`). Outputs of a
+different config are never reused or overwritten here: the orchestrator removes them when the
+user forces the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from scalespd.config import RunConfig
+from scalespd.train.io import read_final_meta
+from scalespd.train.ray_train import checkpoint_root, decompose_dir, latest_checkpoint_step, launch
+
+log = logging.getLogger(__name__)
+
+CONFIG_RECORD = "config.json"  # the target + decompose config the files in decompose/ belong to
+
+
+def _config_record(cfg: RunConfig) -> dict[str, Any]:
+    return {"target": cfg.target.model_dump(mode="json"),
+            "decompose": cfg.decompose.model_dump(mode="json")}
+
+
+def _check_same_config(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume checkpoints (or keep a model) made with another config."""
+    from scalespd.run import RunDirError  # noqa: PLC0415  (run.py imports stages lazily)
+
+    record = decompose_dir(run_dir) / CONFIG_RECORD
+    if not record.exists():
+        if checkpoint_root(run_dir).exists() or (decompose_dir(run_dir) / "final").exists():
+            raise RunDirError(f"{decompose_dir(run_dir)} holds outputs without {CONFIG_RECORD}; "
+                              f"refusing to reuse them (use --force decompose to redo)")
+        return
+    if json.loads(record.read_text()) != _config_record(cfg):
+        raise RunDirError(f"{decompose_dir(run_dir)} was made with a different target/decompose "
+                          f"config; use another --run-dir or --force decompose")
+
+
+def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Decompose run_dir/target (resuming if interrupted). Returns final metrics, steps, seconds."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "target").is_dir():
+        raise FileNotFoundError(f"{run_dir / 'target'} is missing: run the target stage first")
+    _check_same_config(cfg, run_dir)
+    meta = read_final_meta(run_dir)
+    if meta is not None and meta["steps"] == cfg.decompose.steps:
+        log.info("[decompose] final model already in %s, keeping it", decompose_dir(run_dir))
+        return {"steps": meta["steps"], "world_size": meta["world_size"],
+                "metrics": meta["metrics"], "skipped": True, "seconds": 0.0}
+
+    decompose_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    (decompose_dir(run_dir) / CONFIG_RECORD).write_text(json.dumps(_config_record(cfg), indent=2))
+    resume_step = latest_checkpoint_step(run_dir)
+    t0 = time.perf_counter()
+    summary = launch(cfg, run_dir)
+    summary.update(resumed_from_step=resume_step, skipped=False,
+                   seconds=round(time.perf_counter() - t0, 3))
+    return summary
