@@ -195,7 +195,7 @@ def build_graph(
     timings["stats_s"] = time.perf_counter() - t0
     active = np.flatnonzero(~stats.zero_var)
     n, k = cols.size, cfg.k
-    if active.size <= k:
+    if 1 < active.size <= k:
         warnings.warn(
             f"graph.k = {k} is not smaller than the number of non-constant columns "
             f"({active.size}): every node keeps all of its candidate neighbours",
@@ -215,9 +215,9 @@ def build_graph(
 
     # Pass 2: tiled correlation with a running top-k over the non-constant columns.
     t2 = time.perf_counter()
-    vals = np.full((0, k), -np.inf, dtype=np.float32)
-    idx = np.full((0, k), -1, dtype=np.int64)
-    if active.size:
+    vals, idx = empty_topk(active.size, k)
+    # A threshold of 1 means chance explains even perfect correlations: no candidates at all.
+    if active.size and threshold < 1.0:
         src = TileSource(
             X, cols[active], stats.mean[active].astype(np.float32),
             (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
@@ -232,7 +232,8 @@ def build_graph(
     topk_val = np.zeros((n, k), dtype=np.float32)
     ok = idx >= 0
     topk_idx[active] = np.where(ok, active[np.where(ok, idx, 0)], -1)
-    topk_val[active] = np.where(ok, vals, 0.0)
+    # float32 rounding can put a correlation a hair above 1.
+    topk_val[active] = np.where(ok, np.minimum(vals, 1.0), 0.0)
 
     t3 = time.perf_counter()
     W = knn_graph(topk_idx, topk_val, n, cfg.mutual)

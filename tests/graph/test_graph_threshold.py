@@ -1,0 +1,105 @@
+"""The noise-aware edge threshold: valid for null data, heavy-tail aware, and it separates
+planted mechanisms that the paper's settings merge."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from graph_reference import brute_corr
+from sklearn.metrics import adjusted_rand_score
+
+from scalespd.config import GraphConfig
+from scalespd.graph import build_graph
+from scalespd.graph.stats import column_stats
+from scalespd.graph.synthetic import planted_profiles
+from scalespd.graph.threshold import bennett_bound, edge_threshold, gaussian_bound
+
+
+def _max_null_corr(X: np.ndarray) -> float:
+    C = brute_corr(X)
+    return float(C[np.triu_indices(C.shape[0], 1)].max())
+
+
+def _max_abs_z(X: np.ndarray) -> np.ndarray:
+    st = column_stats(X, np.arange(X.shape[1]), 4096, 4096)
+    return st.max_abs_z[~st.zero_var]
+
+
+def test_gaussian_bound_is_the_normal_quantile() -> None:
+    # z_{1 - 1e-8} = 5.612; the t-based value differs from z/sqrt(M) by O(1/M).
+    assert gaussian_bound(1e6, 10_000, 0.01) == pytest.approx(5.612 / math.sqrt(10_000), rel=0.01)
+    assert gaussian_bound(0, 100, 0.01) == 0.0
+
+
+def test_bennett_bounds_dense_null_data() -> None:
+    """Independent Gaussian columns: the bound is above the observed maximum and not far above
+    the Gaussian bound (Chernoff-type slack only)."""
+    X = np.random.default_rng(0).standard_normal((2000, 600)).astype(np.float32)
+    n_pairs = 600 * 599 / 2
+    b = bennett_bound(_max_abs_z(X), 2000, 0.01)
+    g = gaussian_bound(n_pairs, 2000, 0.01)
+    assert _max_null_corr(X) < g <= b < 1.6 * g
+
+
+def test_bennett_covers_heavy_tails_of_sparse_null_data() -> None:
+    """Independent sparse spiky columns (every mechanism of size 1): chance correlations exceed
+    the Gaussian bound, but not the Bennett bound."""
+    X, _ = planted_profiles(n_mechanisms=800, sizes=(1, 1), n_rows=2000, p_range=(0.003, 0.01),
+                            seed=4)
+    n = X.shape[1]
+    observed = _max_null_corr(X)
+    g = gaussian_bound(n * (n - 1) / 2, 2000, 0.01)
+    b = bennett_bound(_max_abs_z(X), 2000, 0.01)
+    assert g < observed < b
+
+
+def test_single_spike_columns_are_never_linked() -> None:
+    """Columns that fire on one row each coincide by chance with certainty at this N and M:
+    the threshold is 1 and no edge survives."""
+    m, n = 200, 400
+    X = np.zeros((m, n), dtype=np.float32)
+    X[np.random.default_rng(1).integers(0, m, n), np.arange(n)] = 1.0
+    res = build_graph(X, GraphConfig(k=5))
+    assert res.threshold == 1.0
+    assert res.graph.nnz == 0
+    assert res.summary["n_components"] == n
+
+
+def test_fixed_threshold_is_used_as_given() -> None:
+    X = np.random.default_rng(2).standard_normal((100, 20)).astype(np.float32)
+    value, info = edge_threshold(0.25, _max_abs_z(X), X, np.arange(20), 100, 64, alpha=0.01,
+                                 null_model="bennett", perm_cols=10, seed=0)
+    assert value == 0.25 and info["method"] == "fixed"
+
+
+def test_auto_threshold_record_and_gaussian_option() -> None:
+    X, _ = planted_profiles(n_mechanisms=60, n_rows=1500, seed=5)
+    cols = np.arange(X.shape[1])
+    z = _max_abs_z(X)
+    kw = dict(alpha=0.01, perm_cols=200, seed=0)
+    tb, ib = edge_threshold("auto", z, X, cols, 1500, 512, null_model="bennett", **kw)
+    tg, ig = edge_threshold("auto", z, X, cols, 1500, 512, null_model="gaussian", **kw)
+    assert ib["method"] == "auto" and ib["permutation_cols"] == 200
+    assert tb == max(ib["bennett_bound"], ib["permutation_max"])
+    assert tg == max(ig["gaussian_bound"], ig["permutation_max"])
+    assert 0 < ib["permutation_max"] < tb and tg <= tb
+
+
+def test_planted_mechanisms_separate_with_auto_and_merge_with_paper_settings() -> None:
+    """Issue 4's planted case: 300 mechanisms of sizes 1-9, M = 3000. With the data-derived
+    threshold every edge lies inside a mechanism and the connected components are exactly the
+    mechanisms; with the paper's settings (threshold 0) they merge into a giant component."""
+    X, truth = planted_profiles(n_mechanisms=300, sizes=(1, 9), n_rows=3000, seed=0)
+    auto = build_graph(X, GraphConfig(k=10, tile_cols=512))
+    coo = auto.graph.tocoo()
+    assert coo.nnz > 0 and np.all(truth[coo.row] == truth[coo.col])
+    assert adjusted_rand_score(truth, auto.labels) == 1.0
+    assert auto.summary["n_components"] == 300
+
+    paper = build_graph(X, GraphConfig(k=10, edge_threshold=0.0, tile_cols=512))
+    coo = paper.graph.tocoo()
+    assert np.mean(truth[coo.row] != truth[coo.col]) > 0.1
+    assert paper.summary["largest_components"][0] > 0.5 * X.shape[1]
+    assert adjusted_rand_score(truth, paper.labels) < 0.05
