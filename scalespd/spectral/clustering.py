@@ -1,0 +1,186 @@
+"""From a `GraphResult` to one cluster id per alive node, and the clusters.csv table.
+
+Shared by the pipeline stage (`stage.py`) and `python -m scalespd.cluster`.
+
+Always-on option (cfg.always_on_fraction): nodes active (CI > tau) on more than that fraction of
+the inputs are taken out of the graph before clustering and grouped on their own — one cluster
+of all of them ("single", default) or one cluster per connected set of them in the k-NN graph
+("connected"). Near-constant, always-active subcomponents (the TMS 5-2+ID identity pathway,
+ResidMLP's identity projection) otherwise correlate weakly with everything and get spread over
+the feature clusters (clustering paper, TMS 5-2+ID failure case). Their edges to other nodes are
+dropped; the remaining nodes keep the rest of their k-NN edges.
+
+Modes:
+- per_component (default): spectral clustering of every connected piece; isolated nodes
+  (zero-variance columns included) are singleton clusters.
+- largest_component: spectral clustering of the largest connected piece only; every other
+  alive node gets the cluster with the highest mean correlation to its members
+  (`assign.mean_correlation_to_clusters`). Zero-variance columns have no correlation and are
+  excluded (cluster −1).
+
+Global cluster ids are ordered by each cluster's smallest global column id, so they depend only
+on the partition, and the partition only on the data, the config and the seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+from scalespd.config import SpectralConfig
+from scalespd.graph import GraphResult
+from scalespd.spectral.assign import mean_correlation_to_clusters
+from scalespd.spectral.tasks import Device, cluster_graph_detailed, graph_pieces
+
+CLUSTER_COLUMNS = ["component", "name", "layer", "module", "alive", "connected_component",
+                   "cluster"]
+
+
+@dataclass
+class AliveClustering:
+    """labels (n,): global cluster id per graph node (−1 = excluded); always_on (n,) bool;
+    spectra: per-piece records; info: counts and timings (JSON-able)."""
+
+    labels: np.ndarray
+    always_on: np.ndarray
+    spectra: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def order_by_keys(labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Renumber clusters 0.. in order of their smallest key; −1 stays −1. (n,) → (n,)."""
+    out = np.full(labels.shape, -1, dtype=np.int64)
+    ok = labels >= 0
+    if not ok.any():
+        return out
+    ids, inv = np.unique(labels[ok], return_inverse=True)
+    first = np.full(ids.size, np.iinfo(np.int64).max)
+    np.minimum.at(first, inv, keys[ok])
+    rank = np.empty(ids.size, dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(ids.size)
+    out[ok] = rank[inv]
+    return out
+
+
+def _always_on_groups(W: sp.csr_matrix, on: np.ndarray, grouping: str) -> np.ndarray:
+    """Group id (0..) for each always-on node, in the order of np.flatnonzero(on)."""
+    idx = np.flatnonzero(on)
+    if grouping == "single":
+        return np.zeros(idx.size, dtype=np.int64)
+    sub = W[idx][:, idx].tocsr()
+    sub.eliminate_zeros()
+    return connected_components(sub, directed=False)[1].astype(np.int64)
+
+
+def cluster_alive(
+    graph: GraphResult,
+    cfg: SpectralConfig,
+    *,
+    frac_active: np.ndarray | None = None,
+    profiles: Any = None,
+    use_ray: bool = True,
+    device: Device = "cpu",
+    progress: bool = False,
+) -> AliveClustering:
+    """Cluster the n nodes of `graph` (its columns are the alive global column ids).
+
+    frac_active (n,): needed when cfg.always_on_fraction is set. profiles: the (M, N_total)
+    matrix the graph was built from, needed in largest_component mode."""
+    t0 = time.perf_counter()
+    n = graph.columns.size
+    keys = np.asarray(graph.columns, dtype=np.int64)
+    W = sp.csr_matrix(graph.graph)
+    labels = np.full(n, -1, dtype=np.int64)
+    info: dict[str, Any] = {"mode": cfg.mode, "n_nodes": n}
+
+    on = np.zeros(n, dtype=bool)
+    if cfg.always_on_fraction is not None:
+        if frac_active is None or np.shape(frac_active) != (n,):
+            raise ValueError("spectral.always_on_fraction needs frac_active for every graph node")
+        on = np.asarray(frac_active) > cfg.always_on_fraction
+        # Offset keeps group ids apart from the spectral ids until the global renumbering.
+        labels[on] = _always_on_groups(W, on, cfg.always_on_grouping) + n
+    info["n_always_on"] = int(on.sum())
+
+    rest = np.flatnonzero(~on)
+    W_rest = W[rest][:, rest].tocsr()
+    if cfg.mode == "per_component":
+        res = cluster_graph_detailed(W_rest, graph.labels[rest], cfg, node_keys=keys[rest],
+                                     use_ray=use_ray, device=device, progress=progress)
+        labels[rest] = res.labels
+    else:
+        pieces = graph_pieces(W_rest)
+        big = rest[pieces[0]] if pieces else np.empty(0, dtype=np.int64)
+        res = cluster_graph_detailed(W[big][:, big].tocsr(), None, cfg, node_keys=keys[big],
+                                     use_ray=use_ray, device=device, progress=progress)
+        labels[big] = res.labels
+        info["largest_component_size"] = int(big.size)
+        t_assign = time.perf_counter()
+        query = np.setdiff1d(rest, big)
+        query = query[~graph.zero_var[query]]
+        if query.size and big.size:
+            if profiles is None:
+                raise ValueError("spectral.mode 'largest_component' needs the profile matrix to "
+                                 "assign the other nodes by correlation")
+            member_ok = ~graph.zero_var[big]
+            members = big[member_ok]
+            corr = mean_correlation_to_clusters(
+                profiles, keys[members], res.labels[member_ok], graph.mean[members],
+                graph.std[members], keys[query], graph.mean[query], graph.std[query],
+            )
+            labels[query] = np.argmax(corr, axis=1)  # ties: lowest cluster id
+        info["n_assigned"] = int(query.size)
+        info["n_excluded"] = int((labels[rest] < 0).sum())
+        info["assign_seconds"] = time.perf_counter() - t_assign
+
+    out = order_by_keys(labels, keys)
+    info.update(n_pieces=res.n_pieces, n_tasks=res.n_tasks,
+                n_clusters=int(out.max()) + 1 if (out >= 0).any() else 0,
+                timings=res.timings, seconds=time.perf_counter() - t0)
+    for r in res.spectra:
+        r["key"] = int(r["key"])
+    return AliveClustering(out, on, res.spectra, info)
+
+
+def clusters_table(
+    meta: pd.DataFrame, columns: np.ndarray, graph_labels: np.ndarray, clusters: np.ndarray
+) -> pd.DataFrame:
+    """DESIGN §4 clusters.csv: one row per subcomponent of `meta` (needs component, name, layer,
+    module, alive; one row per global column id in `component`). Alive graph nodes `columns`
+    (n,) get their connected component and cluster; every other row gets −1 for both."""
+    missing = [c for c in CLUSTER_COLUMNS[:5] if c not in meta.columns]
+    if missing:
+        raise ValueError(f"component table lacks columns {missing}")
+    out = meta[CLUSTER_COLUMNS[:5]].copy().reset_index(drop=True)
+    pos = pd.Index(out["component"]).get_indexer(np.asarray(columns))
+    if (pos < 0).any():
+        raise ValueError(f"{int((pos < 0).sum())} graph node(s) are not in the component table")
+    cc = np.full(len(out), -1, dtype=np.int64)
+    cl = np.full(len(out), -1, dtype=np.int64)
+    cc[pos] = graph_labels
+    cl[pos] = clusters
+    out["connected_component"] = cc
+    out["cluster"] = cl
+    return out
+
+
+def cluster_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """Counts from a clusters.csv table: n_clusters, cluster_sizes (descending), singletons, and
+    layer_span_counts (number of distinct layers → count of non-singleton clusters)."""
+    cl = table[table["cluster"] >= 0]
+    sizes = cl.groupby("cluster").size()
+    spans = cl.groupby("cluster")["layer"].nunique()[sizes > 1]
+    span_counts = spans.value_counts().sort_index()
+    return {
+        "n_clusters": int(sizes.size),
+        "cluster_sizes": sorted((int(s) for s in sizes), reverse=True),
+        "n_singletons": int((sizes == 1).sum()),
+        "n_nonsingleton": int((sizes > 1).sum()),
+        "layer_span_counts": {str(int(k)): int(v) for k, v in span_counts.items()},
+    }

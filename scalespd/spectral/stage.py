@@ -1,0 +1,92 @@
+"""Pipeline stage `spectral`: run_dir/graph + run_dir/profiles → run_dir/spectral.
+
+Writes `spectral/clusters.csv` (DESIGN §4 "Clusters") and `spectral/spectra.json` (per solved
+piece: key = smallest global column id, size, depth, eigenvalues, chosen K, solver; plus the
+clustering info). spectra.json is written last, each file atomically, so its presence marks a
+complete output; a re-run simply recomputes both (the stage takes seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scalespd.backend import resolve_device
+from scalespd.config import RunConfig
+from scalespd.graph import GraphResult
+from scalespd.spectral.clustering import AliveClustering, cluster_alive, cluster_summary, clusters_table
+
+log = logging.getLogger(__name__)
+
+CLUSTERS_FILE = "clusters.csv"
+SPECTRA_FILE = "spectra.json"
+
+
+def check_graph_matches(graph: GraphResult, meta: pd.DataFrame, source: str) -> None:
+    """The graph's nodes must be exactly the alive rows of the component table."""
+    alive = np.sort(meta.loc[meta["alive"].astype(bool), "component"].to_numpy(np.int64))
+    if not np.array_equal(np.sort(graph.columns), alive):
+        raise ValueError(
+            f"{source}: the graph's {graph.columns.size} nodes are not the {alive.size} alive "
+            "components of profiles/components.csv (re-run the graph stage)"
+        )
+
+
+def write_outputs(
+    out_dir: Path, table: pd.DataFrame, result: AliveClustering, extra: dict[str, Any]
+) -> None:
+    """clusters.csv then spectra.json, each through a temp file + atomic rename."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SPECTRA_FILE).unlink(missing_ok=True)
+    tmp = out_dir / f".{CLUSTERS_FILE}.{os.getpid()}.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(out_dir / CLUSTERS_FILE)
+    doc = {"info": result.info, **extra, "pieces": result.spectra}
+    tmp = out_dir / f".{SPECTRA_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=_json_default))
+    tmp.replace(out_dir / SPECTRA_FILE)
+
+
+def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    from scalespd.profiles import open_profiles, read_components  # noqa: PLC0415
+    from scalespd.raytools import ensure_ray  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    scfg = cfg.spectral
+    graph = GraphResult.load(run_dir / "graph")
+    meta = read_components(run_dir / "profiles")
+    check_graph_matches(graph, meta, str(run_dir / "graph"))
+    by_id = meta.set_index("component")
+    frac = by_id.loc[graph.columns, "frac_active"].to_numpy(np.float64)
+    profiles = open_profiles(run_dir / "profiles") if scfg.mode == "largest_component" else None
+
+    ensure_ray(cfg.ray)
+    device = resolve_device(scfg.device)
+    result = cluster_alive(graph, scfg, frac_active=frac, profiles=profiles, use_ray=True,
+                           device=device)
+    table = clusters_table(meta, graph.columns, graph.labels, result.labels)
+    summary = cluster_summary(table)
+    extra = {"k_max": scfg.k_max, "seed": scfg.seed, "device": device,
+             "n_clusters": summary["n_clusters"]}
+    write_outputs(run_dir / "spectral", table, result, extra)
+    log.info("spectral: %d clusters (%d singletons) from %d alive nodes in %.1f s",
+             summary["n_clusters"], summary["n_singletons"], graph.columns.size,
+             result.info["seconds"])
+    sizes = summary.pop("cluster_sizes")
+    return {**summary, "largest_clusters": sizes[:10], "n_always_on": result.info["n_always_on"],
+            "n_pieces": result.info["n_pieces"], "n_tasks": result.info["n_tasks"],
+            "seconds": round(result.info["seconds"], 3)}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o)}")
