@@ -26,10 +26,6 @@ import numpy as np
 from scalespd.backend import to_numpy
 from scalespd.graph.panels import panel_bounds, read_block, row_chunks
 
-# Rows per argpartition call: bounds the int64 scratch at _SLAB_ROWS × tile_cols × 8 bytes.
-_SLAB_ROWS = 512
-
-
 @dataclass(frozen=True)
 class TileSource:
     """Z-scored column panels of X[:, columns].
@@ -74,42 +70,125 @@ def _sort_rows(v: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return out_v, out_i
 
 
+def topk_rows(v: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row of a candidate matrix in total order, sorted best first.
+
+    v: (r, w) float32 values (-inf = no candidate); i: (r, w) int64 node ids. argpartition does
+    the bulk; rows where the k-th value is shared with a left-out candidate are re-decided by
+    index (rare: exact ties)."""
+    r, w = v.shape
+    if w <= k:
+        return _sort_rows(v, i, k)
+    part = np.argpartition(v, (w - k - 1, w - k), axis=1)
+    top = part[:, w - k:]
+    kth = np.take_along_axis(v, part[:, w - k:w - k + 1], axis=1)[:, 0]
+    nxt = np.take_along_axis(v, part[:, w - k - 1:w - k], axis=1)[:, 0]
+    out_v, out_i = _sort_rows(np.take_along_axis(v, top, axis=1),
+                              np.take_along_axis(i, top, axis=1), k)
+    tie = np.flatnonzero((nxt == kth) & np.isfinite(kth))
+    if tie.size:
+        out_v[tie], out_i[tie] = _sort_rows(v[tie], i[tie], k)
+    return out_v, out_i
+
+
 def merge_topk(
     v1: np.ndarray, i1: np.ndarray, v2: np.ndarray, i2: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of the union of two per-row candidate lists (host arrays, (r, k1) and (r, k2))."""
-    return _sort_rows(np.concatenate([v1, v2], axis=1), np.concatenate([i1, i2], axis=1), k)
+    return topk_rows(np.concatenate([v1, v2], axis=1), np.concatenate([i1, i2], axis=1), k)
 
 
-def select_topk(C: Any, col0: int, k: int, xp: ModuleType) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of each row of a tile, as host arrays ((r, k) float32 values, (r, k) int64 ids).
+def merge_candidates(
+    state_v: np.ndarray, state_i: np.ndarray, target: np.ndarray, nbr: np.ndarray,
+    val: np.ndarray, k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a sparse candidate list into (r, k) top-k state.
 
-    C: (r, w) xp float32 tile, -inf where a pair is not a candidate; column c of C is node
-    col0 + c. Exact ties at the k-th place are resolved by index on the host (rare rows)."""
+    target: (c,) row of each candidate (0..r-1), sorted ascending; nbr: (c,) int64 node id;
+    val: (c,) float32. Candidates are laid out as a padded (r, max per row) matrix and merged
+    with the state row by row."""
+    r = state_v.shape[0]
+    if target.size == 0:
+        return state_v, state_i
+    counts = np.bincount(target, minlength=r)
+    rank = np.arange(target.size) - (np.cumsum(counts) - counts)[target]
+    width = int(counts.max())
+    pv = np.full((r, width), -np.inf, dtype=np.float32)
+    pi = np.full((r, width), -1, dtype=np.int64)
+    pv[target, rank] = val
+    pi[target, rank] = nbr
+    return merge_topk(state_v, state_i, pv, pi, k)
+
+
+def _above(threshold: float) -> np.float32:
+    """Smallest float32 x with x > threshold, so that (C > threshold) == (C >= x) for float32 C."""
+    x = np.float32(threshold)
+    return x if x > threshold else np.nextafter(x, np.float32(np.inf))
+
+
+def _group_floor(S: Any, k: int, axis: int, xp: ModuleType) -> Any:
+    """A lower bound of the k-th largest value along `axis` of the sample S: the smallest of
+    the maxima of k disjoint groups (k distinct values are at least that large). -inf when
+    the sample holds fewer than k values."""
+    s = S.shape[axis]
+    other = S.shape[1 - axis]
+    if s < k:
+        return xp.full(other, -np.inf, dtype=np.float32)
+    g = s // k
+    if axis == 1:
+        return S[:, : g * k].reshape(other, k, g).max(axis=2).min(axis=1)
+    return S[: g * k].reshape(k, g, other).max(axis=1).min(axis=0)
+
+
+def tile_candidates(
+    C: Any, floor_rows: Any, floor_cols: Any, k: int, threshold: float, diagonal: bool,
+    xp: ModuleType,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The entries of a correlation tile that can still enter a top-k list, as host arrays.
+
+    C: (r, w) xp float32 tile (rows: panel a, columns: panel b). floor_rows (r,) / floor_cols
+    (w,): known lower bounds of each node's final k-th value (-inf if unknown) — an entry below
+    them can never be selected, so only a small fraction of the tile leaves the device. The
+    bounds are tightened here with a cheap sample of the tile itself. On the diagonal tile
+    (a == b) only the strict upper triangle is used, for both directions, so an edge's two
+    directions carry the same number and a node is never its own neighbour.
+
+    Returns ((rows, cols, vals) for the rows of a, sorted by row) and ((cols, rows, vals) for
+    the rows of b, sorted by col); indices are tile-local."""
     r, w = C.shape
-    out_v = np.full((r, k), -np.inf, dtype=np.float32)
-    out_i = np.full((r, k), -1, dtype=np.int64)
-    if w <= k:  # every column is a candidate
-        v = to_numpy(C)
-        return _sort_rows(v, np.broadcast_to(np.arange(col0, col0 + w), v.shape), k)
-    for s0 in range(0, r, _SLAB_ROWS):
-        slab = C[s0:s0 + _SLAB_ROWS]
-        # Partition so that position w-k holds the k-th largest and w-k-1 the (k+1)-th.
-        part = xp.argpartition(slab, (w - k - 1, w - k), axis=1)
-        top = part[:, w - k:]
-        v = xp.take_along_axis(slab, top, axis=1)
-        kth = v[:, 0]
-        nxt = xp.take_along_axis(slab, part[:, w - k - 1:w - k], axis=1)[:, 0]
-        tie = to_numpy((nxt == kth) & xp.isfinite(kth))
-        v_h, i_h = _sort_rows(to_numpy(v), to_numpy(top) + col0, k)
-        if tie.any():  # the k-th value is shared with a left-out column: decide by index
-            rows = np.flatnonzero(tie)
-            full = to_numpy(slab[xp.asarray(rows)])
-            v_h[rows], i_h[rows] = _sort_rows(
-                full, np.broadcast_to(np.arange(col0, col0 + w), full.shape), k
-            )
-        out_v[s0:s0 + _SLAB_ROWS], out_i[s0:s0 + _SLAB_ROWS] = v_h, i_h
-    return out_v, out_i
+    s = min(w, max(1024, 16 * k))
+    lo = _above(threshold)
+    # Row sample: the last s columns (upper triangle only on the diagonal tile).
+    S = C[:, w - s:]
+    if diagonal:
+        S = xp.where(xp.arange(w - s, w)[None, :] > xp.arange(r)[:, None], S, -np.inf)
+    f_r = xp.maximum(xp.maximum(floor_rows, _group_floor(S, k, 1, xp)), lo)
+    # Column sample: the first s rows.
+    S = C[:s]
+    if diagonal:
+        S = xp.where(xp.arange(s)[:, None] < xp.arange(w)[None, :], S, -np.inf)
+    f_c = xp.maximum(xp.maximum(floor_cols, _group_floor(S, k, 0, xp)), lo)
+
+    flat = C.ravel()
+
+    def hits(f: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Tile-local (row, col) of the entries ≥ f, row-major (upper triangle if diagonal)."""
+        rows, cols = np.divmod(to_numpy(xp.flatnonzero(C >= f)), w)
+        if diagonal:
+            keep = cols > rows
+            rows, cols = rows[keep], cols[keep]
+        return rows, cols
+
+    # Rows of a: flatnonzero is row-major, so the candidates come grouped by row.
+    rows, cols = hits(f_r[:, None])
+    for_a = (rows, cols, to_numpy(flat[xp.asarray(rows * w + cols)]))
+    # Rows of b (the tile's columns): group by column by sorting packed (col, row) keys.
+    rows, cols = hits(f_c[None, :])
+    key = np.sort((cols.astype(np.uint64) << np.uint64(32)) | rows.astype(np.uint64))
+    cols = (key >> np.uint64(32)).astype(np.int64)
+    rows = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    for_b = (cols, rows, to_numpy(flat[xp.asarray(rows * w + cols)]))
+    return for_a, for_b
 
 
 def correlation_tile(src: TileSource, a: int, b: int, xp: ModuleType, za: Any | None) -> Any:
@@ -133,37 +212,38 @@ def correlation_tile(src: TileSource, a: int, b: int, xp: ModuleType, za: Any | 
 
 
 def row_block_topk(
-    src: TileSource, a: int, k: int, threshold: float, xp: ModuleType
+    src: TileSource, a: int, k: int, threshold: float, xp: ModuleType,
+    floor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Partial top-k lists from the tiles (a, b ≥ a), for rows start_a .. n-1.
 
     Rows of panel a see every column; rows of a later panel b see only the columns of a.
     Candidates are pairs with correlation > threshold (threshold ≥ 0, so this is also the ReLU
-    clamp); a column is never its own neighbour. Returns host arrays (n - start_a, k) float32
-    values and int64 local column ids (-1 = no neighbour)."""
+    clamp); a column is never its own neighbour. floor: optional (n,) lower bounds of each
+    node's final k-th value (e.g. from lists merged so far) — only a speed-up. Returns host
+    arrays (n - start_a, k) float32 values and int64 local column ids (-1 = no neighbour)."""
     panels = src.panels
+    n = src.columns.size
     sa, ea = panels[a]
+    known = np.full(n, -np.inf, dtype=np.float32) if floor is None else floor.astype(np.float32)
     za = src.z(a, 0, src.n_rows, xp) if src.n_rows <= src.row_chunk else None
-    state_v = np.full((ea - sa, k), -np.inf, dtype=np.float32)
-    state_i = np.full((ea - sa, k), -1, dtype=np.int64)
+    state_v, state_i = empty_topk(ea - sa, k)
     later_v: list[np.ndarray] = []
     later_i: list[np.ndarray] = []
     for b in range(a, len(panels)):
-        sb, _ = panels[b]
+        sb, eb = panels[b]
         C = correlation_tile(src, a, b, xp, za)
-        if b == a:
-            # BLAS may round C[i, j] and C[j, i] differently; make the diagonal tile exactly
-            # symmetric so both directions of an edge carry one weight.
-            C = (C + C.T) * 0.5
-            xp.fill_diagonal(C, -np.inf)
-        C[C <= threshold] = -np.inf
-        v, i = select_topk(C, sb, k, xp)
-        state_v, state_i = merge_topk(state_v, state_i, v, i, k)
-        if b > a:
-            v, i = select_topk(xp.ascontiguousarray(C.T), sa, k, xp)
+        f_rows = np.maximum(known[sa:ea], state_v[:, k - 1])
+        (ra, ca, va), (cb, rb, vb) = tile_candidates(
+            C, xp.asarray(f_rows), xp.asarray(known[sb:eb]), k, threshold, b == a, xp)
+        del C
+        state_v, state_i = merge_candidates(state_v, state_i, ra, ca + sb, va, k)
+        if b == a:  # the lower triangle: row j of a gets neighbour i < j
+            state_v, state_i = merge_candidates(state_v, state_i, cb, rb + sa, vb, k)
+        else:
+            v, i = merge_candidates(*empty_topk(eb - sb, k), cb, rb + sa, vb, k)
             later_v.append(v)
             later_i.append(i)
-        del C
     return np.concatenate([state_v, *later_v]), np.concatenate([state_i, *later_i])
 
 
@@ -179,6 +259,7 @@ def tiled_topk(
     n = src.columns.size
     vals, idx = empty_topk(n, k)
     for a, (sa, _) in enumerate(src.panels):
-        v, i = row_block_topk(src, a, k, threshold, xp)
+        # Lists merged so far bound each node's final k-th value from below.
+        v, i = row_block_topk(src, a, k, threshold, xp, floor=vals[:, k - 1])
         vals[sa:], idx[sa:] = merge_topk(vals[sa:], idx[sa:], v, i, k)
     return vals, idx

@@ -9,7 +9,14 @@ from graph_reference import TOL, assert_topk_matches, brute_corr, brute_topk, mu
 from scalespd.config import GraphConfig
 from scalespd.graph import build_graph
 from scalespd.graph.synthetic import block_profiles
-from scalespd.graph.topk import merge_topk, select_topk
+from scalespd.graph.topk import (
+    TileSource,
+    empty_topk,
+    merge_candidates,
+    row_block_topk,
+    tiled_topk,
+    topk_rows,
+)
 
 
 def _random(m: int, n: int, seed: int) -> np.ndarray:
@@ -23,23 +30,23 @@ def _random(m: int, n: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("k", [1, 3, 7, 12])
 @pytest.mark.parametrize("width", [5, 12, 40])
-def test_select_topk_breaks_exact_ties_by_index(k: int, width: int) -> None:
+def test_topk_rows_breaks_exact_ties_by_index(k: int, width: int) -> None:
     rng = np.random.default_rng(k * 100 + width)
     # Values from a tiny set so that ties at the k-th place are everywhere; some non-candidates.
     C = rng.choice(np.array([0.1, 0.2, 0.3, -np.inf], dtype=np.float32), size=(700, width))
-    v, i = select_topk(C, col0=1000, k=k, xp=np)
-    ref_v, ref_i = brute_topk_rows(C, k)
-    np.testing.assert_array_equal(i, np.where(ref_i >= 0, ref_i + 1000, -1))
+    ids = np.broadcast_to(rng.permutation(10 * width)[:width] + 1000, C.shape)
+    v, i = topk_rows(C, ids, k)
+    ref_v, ref_i = brute_topk_rows(C, ids, k)
+    np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_array_equal(v, ref_v)
 
 
-def brute_topk_rows(C: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    cols = np.broadcast_to(np.arange(C.shape[1]), C.shape)
-    order = np.lexsort((cols, -C), axis=1)[:, :k]
+def brute_topk_rows(C: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((ids, -C), axis=1)[:, :k]
     v = np.full((C.shape[0], k), -np.inf, dtype=np.float32)
     i = np.full((C.shape[0], k), -1)
     v[:, : order.shape[1]] = np.take_along_axis(C, order, axis=1)
-    i[:, : order.shape[1]] = order
+    i[:, : order.shape[1]] = np.take_along_axis(ids, order, axis=1)
     i[~np.isfinite(v)] = -1
     return v, i
 
@@ -48,15 +55,36 @@ def test_merge_is_order_independent() -> None:
     """Top-k of a union does not depend on how the candidate lists are split or ordered."""
     rng = np.random.default_rng(3)
     C = rng.choice(np.array([0.5, 0.25, 0.75, -np.inf], dtype=np.float32), size=(50, 60))
+    ids = np.broadcast_to(np.arange(60), C.shape)
     k = 6
-    ref_v, ref_i = select_topk(C, 0, k, np)
-    parts = [(s, select_topk(C[:, s:s + 15], s, k, np)) for s in range(0, 60, 15)]
+    ref_v, ref_i = topk_rows(C, ids, k)
+    parts = []
+    for s in range(0, 60, 15):  # sparse candidate lists of column slices
+        rows, cols = np.nonzero(np.isfinite(C[:, s:s + 15]))
+        parts.append((rows, cols + s, C[rows, cols + s]))
     for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
-        v, i = np.full((50, k), -np.inf, np.float32), np.full((50, k), -1)
+        v, i = empty_topk(50, k)
         for o in order:
-            v, i = merge_topk(v, i, *parts[o][1], k)
+            v, i = merge_candidates(v, i, *parts[o], k)
         np.testing.assert_array_equal(i, ref_i)
         np.testing.assert_array_equal(v, ref_v)
+
+
+def test_known_floors_do_not_change_the_result() -> None:
+    """Floors equal to each node's exact final k-th value (the tightest legal bound, where
+    ties at the floor must still get in) give the same lists as no floors."""
+    X, _ = block_profiles(n_rows=300, n_cols=100, n_blocks=6, seed=2)
+    X[:, 50:60] = X[:, 0:10]  # exact duplicates: ties at the floor
+    src = TileSource(X, np.arange(100), X.mean(0), (1 / (X.std(0) * np.sqrt(300))).astype(
+        np.float32), 300, 32, 300)
+    ref_v, ref_i = tiled_topk(src, 4, 0.0, np)
+    for a, start in ((0, 0), (1, 32), (3, 96)):
+        v0, i0 = row_block_topk(src, a, 4, 0.0, np)
+        f = ref_v[start:, 3:4]
+        v1, i1 = row_block_topk(src, a, 4, 0.0, np, floor=ref_v[:, 3])
+        # A block's partial lists may lose only entries below the final k-th value.
+        np.testing.assert_array_equal(np.where(v1 >= f, i1, -1), np.where(v0 >= f, i0, -1))
+        assert np.all((v1 >= f) | (i1 == -1))
 
 
 # --------------------------------------------------------------------------------------------
