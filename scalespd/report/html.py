@@ -34,7 +34,11 @@ def _num(x: Any) -> str:
         return "–"
     if isinstance(x, float):
         return f"{x:.4g}"
-    return _e(x)
+    if isinstance(x, dict):
+        return ", ".join(f"{k}: {_num(v)}" for k, v in x.items())
+    if isinstance(x, list):
+        return ", ".join(_num(v) for v in x)
+    return str(x)
 
 
 def _table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
@@ -65,9 +69,11 @@ def _key_numbers(summary: dict[str, Any]) -> str:
         ("layer_span_counts", "layer span → non-singleton clusters"),
         ("composition_counts", "composition of non-singleton clusters"),
         ("n_unclustered_alive", "alive but unclustered"),
+        ("n_zero_variance", "zero-variance (constant) alive columns"),
     ]
     rows = [[label, _num(summary.get(k))] for k, label in keys if k in summary]
-    for section, label in (("edges", "k-NN graph"), ("correlation", "profile correlation")):
+    for section, label in (("spectral", "spectral"), ("edges", "k-NN graph"),
+                           ("correlation", "profile correlation")):
         for k, v in (summary.get(section) or {}).items():
             rows.append([f"{label}: {k}", _num(v)])
     return _table(["quantity", "value"], rows)
@@ -78,7 +84,7 @@ def _gt_overview(tables: list[dict[str, Any]]) -> str:
     fields = [
         ("mechanisms recovered", lambda s: f"{s['mechanisms_recovered']} / "
                                            f"{s['mechanisms_total']}"),
-        ("mechanism status counts", lambda s: s["mechanism_status_counts"]),
+        ("mechanism status counts", lambda s: _num(s["mechanism_status_counts"])),
         ("purity", lambda s: _num(s["purity"])),
         ("ARI", lambda s: _num(s["ari"])),
         ("clusters", lambda s: s.get("n_clusters")),

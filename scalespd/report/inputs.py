@@ -48,6 +48,8 @@ class RunArtifacts:
     profiles_path: Path | None
     manifest: dict[str, Any] = field(default_factory=dict)
     graph_threshold: float | None = None
+    graph_summary: dict[str, Any] = field(default_factory=dict)
+    spectral_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def alive(self) -> pd.DataFrame:
@@ -100,6 +102,15 @@ def read_clusters(spectral_dir: Path, components: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def read_spectral_info(spectral_dir: Path) -> dict[str, Any]:
+    """The clustering info of spectra.json (n_always_on, n_pieces, timings, ...), or {}."""
+    path = spectral_dir / "spectra.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return dict(raw.get("info", {})) if isinstance(raw, dict) else {}
+
+
 def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
     """Per-component spectra, normalised to dicts with component, size, eigenvalues, k.
 
@@ -109,8 +120,10 @@ def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     raw = json.loads(path.read_text())
-    if isinstance(raw, dict) and "components" in raw:
-        raw = raw["components"]
+    for key in ("pieces", "components"):  # the spectral stage's document: {"info", "pieces"}
+        if isinstance(raw, dict) and key in raw:
+            raw = raw[key]
+            break
     items = raw.items() if isinstance(raw, dict) else enumerate(raw)
     out = []
     for key, rec in items:
@@ -129,10 +142,11 @@ def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
 
 
 def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix | None,
-                                                                 float | None]:
-    """The saved k-NN graph re-indexed to alive_ids order (None if the graph stage left none)."""
+                                                                 float | None, dict[str, Any]]:
+    """The saved k-NN graph re-indexed to alive_ids order, its edge threshold and its
+    summary.json (None, None, {} if the graph stage left no directory)."""
     if not graph_dir.exists():
-        return None, None
+        return None, None, {}
     from scalespd.graph import GraphResult  # noqa: PLC0415
 
     g = GraphResult.load(graph_dir)
@@ -148,7 +162,7 @@ def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix |
     n = len(alive_ids)
     W = sp.csr_matrix((W.data, (pos[W.row], pos[W.col])), shape=(n, n))
     thr = getattr(g, "threshold", None)
-    return W, None if thr is None else float(thr)
+    return W, None if thr is None else float(thr), dict(getattr(g, "summary", {}) or {})
 
 
 def load_run(run_dir: Path) -> RunArtifacts:
@@ -162,7 +176,7 @@ def load_run(run_dir: Path) -> RunArtifacts:
         raise ReportInputError(
             f"{run_dir / 'spectral/clusters.csv'}: 'alive' differs from profiles/components.csv"
         )
-    graph, thr = _load_graph(run_dir / "graph", alive_ids)
+    graph, thr, gsummary = _load_graph(run_dir / "graph", alive_ids)
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     zarr_path = run_dir / "profiles" / "ci.zarr"
@@ -176,6 +190,8 @@ def load_run(run_dir: Path) -> RunArtifacts:
         profiles_path=zarr_path if zarr_path.exists() else None,
         manifest=manifest,
         graph_threshold=thr,
+        graph_summary=gsummary,
+        spectral_info=read_spectral_info(run_dir / "spectral"),
     )
 
 

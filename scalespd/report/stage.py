@@ -50,7 +50,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if needs_alternative(cfg, art, onehot):
         from scalespd.report.alternative import alternative_clustering  # noqa: PLC0415
 
-        alternative = alternative_clustering(cfg, art)
+        alternative = alternative_clustering(cfg, run_dir, art)
     summary = build_report(cfg, art, run_dir / "report", onehot=onehot, alternative=alternative,
                            started=t0)
     keys = ("n_alive", "n_clusters", "n_edges")
@@ -64,11 +64,6 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Deciding on the second clustering
 # --------------------------------------------------------------------------------------------
-
-
-def _alt_fraction(cfg: RunConfig) -> float | None:
-    """The always-on setting of the alternative clustering: the opposite of the run's."""
-    return cfg.report.always_on_fraction_alt if cfg.spectral.always_on_fraction is None else None
 
 
 def _always_on_mask(art: RunArtifacts, fraction: float) -> np.ndarray:
@@ -85,7 +80,10 @@ def needs_alternative(cfg: RunConfig, art: RunArtifacts, onehot: np.ndarray | No
         a = _assign(cfg, onehot[:, art.alive_ids])
         if (a.labels == gt.DENSE).any():
             return True
-    fractions = [f for f in (cfg.spectral.always_on_fraction, _alt_fraction(cfg)) if f]
+    from scalespd.report.alternative import alternative_config  # noqa: PLC0415
+
+    alt = alternative_config(cfg).always_on_fraction
+    fractions = [f for f in (cfg.spectral.always_on_fraction, alt) if f]
     return any(_always_on_mask(art, f).any() for f in fractions)
 
 
@@ -138,6 +136,8 @@ def build_report(
         "alive_per_module": _alive_per_module(art),
         "spectral": {"mode": cfg.spectral.mode,
                      "always_on_fraction": cfg.spectral.always_on_fraction,
+                     "always_on_grouping": cfg.spectral.always_on_grouping,
+                     "n_always_on": art.spectral_info.get("n_always_on"),
                      "k_max": cfg.spectral.k_max},
         "timings": _timings(art.manifest),
     }
@@ -209,11 +209,12 @@ def _ground_truth(
     onehot_alive = onehot[:, art.alive_ids]
     assignment = _assign(cfg, onehot_alive)
     feature_layers, expected = _expected_structure(cfg, art)
-    this = "always-on grouped" if cfg.spectral.always_on_fraction else "paper (no always-on group)"
+    from scalespd.report.alternative import describe  # noqa: PLC0415
+
     score = gt.score_clustering(assignment, art.clusters, layers, feature_layers, names)
     score.update(expected)
-    score["label"] = (f"configured clustering: {this}, always_on_fraction="
-                      f"{cfg.spectral.always_on_fraction}")
+    score["label"] = f"configured: {describe(cfg.spectral)}"
+    score["always_on_fraction"] = cfg.spectral.always_on_fraction
     score["n_clusters"] = summary["n_clusters"]
     summary["ground_truth"] = score
     tables = [{"title": score["label"], "score": score}]
@@ -223,6 +224,7 @@ def _ground_truth(
         alt.update(expected)
         alt["label"] = alternative["label"]
         alt["always_on_fraction"] = alternative["always_on_fraction"]
+        alt["n_always_on"] = alternative.get("n_always_on")
         alt["n_clusters"] = int(len(np.unique(np.asarray(alternative["clusters"])[
             np.asarray(alternative["clusters"]) >= 0])))
         summary["ground_truth_alternative"] = alt
@@ -294,6 +296,7 @@ def _graph_summary(art: RunArtifacts) -> dict[str, Any]:
         "n_isolated": int((cc_sizes == 1).sum()),
         "largest_connected_component": int(cc_sizes.max()) if len(cc_sizes) else 0,
         "graph_threshold": art.graph_threshold,
+        "n_zero_variance": art.graph_summary.get("n_zero_var"),
     }
 
 
