@@ -174,6 +174,11 @@ class DecomposeConfig(Cfg):
     sampling: Literal["continuous", "binomial"] = "continuous"
     n_mask_samples: PosInt = 1
     use_delta_component: bool = True
+    # A module whose target weight is the transpose of another decomposed module's (TMS tied
+    # weights: linear2 = linear1^T) reuses that module's subcomponents transposed (one V, U pair
+    # used twice, as the reference ties them), keeping its own CI function. False: decompose
+    # both independently.
+    tie_components: bool = True
     faithfulness_warmup_steps: NonNegInt = 200
     faithfulness_warmup_lr: PosFloat = 0.01
     faithfulness_warmup_weight_decay: NonNegFloat = 0.1

@@ -127,13 +127,15 @@ def cluster_graph_detailed(
     use_ray: bool = True,
     device: Device = "cpu",
     progress: bool = False,
+    num_cpus_per_task: float = 1.0,
 ) -> ClusteringResult:
     """Spectral clustering of every connected piece of W (n×n symmetric CSR, weights ≥ 0).
 
     labels (n,): connected-component labels from the graph stage (or None to compute them).
     node_keys (n,): global ids of the nodes (default 0..n−1); they seed each piece and must be
     distinct. use_ray: schedule the tasks on Ray (which must be initialised by the caller) or run
-    them in this process. device: "cuda" lets pieces ≥ cfg.gpu_min_nodes run on the GPU."""
+    them in this process. device: "cuda" lets pieces ≥ cfg.gpu_min_nodes run on the GPU.
+    num_cpus_per_task: Ray CPUs each task reserves (fewer concurrent workers when larger)."""
     t0 = time.perf_counter()
     W = sp.csr_matrix(W)
     n = W.shape[0]
@@ -154,7 +156,9 @@ def cluster_graph_detailed(
         refs = []
         for t in tasks:
             big_gpu = device == "cuda" and pieces[t[0]].size >= cfg.gpu_min_nodes
-            opts = {"num_gpus": 1, "num_cpus": 1} if big_gpu else {"num_cpus": 1}
+            opts: dict[str, Any] = {"num_cpus": num_cpus_per_task}
+            if big_gpu:
+                opts["num_gpus"] = 1
             refs.append(remote.options(**opts).remote(
                 [subgraphs[i] for i in t], [keys[pieces[i]] for i in t], cfg,
                 device if big_gpu else "cpu"))
