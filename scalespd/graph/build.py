@@ -7,11 +7,13 @@ correlation tiles); both give identical top-k lists because the top-k order is t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from scalespd.graph.stats import (
     stats_from_moments,
 )
 from scalespd.graph.threshold import edge_threshold
-from scalespd.graph.topk import TileSource, empty_topk, merge_topk, row_block_topk, tiled_topk
+from scalespd.graph.topk import TileSource, empty_topk, merge_topk, row_block_topk
 
 log = logging.getLogger(__name__)
 
@@ -133,23 +135,93 @@ def _ray_stats(X: Any, columns: np.ndarray, cfg: GraphConfig) -> ColumnStats:
     return stats_from_moments(n_rows, ray.get(refs))
 
 
-def _ray_topk(src: TileSource, k: int, threshold: float, device: str) -> tuple[np.ndarray, ...]:
+def _ray_blocks(
+    src: TileSource, k: int, threshold: float, device: str, todo: list[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Row blocks `todo` as Ray tasks; yields (a, values, ids) as tasks finish."""
     import ray  # noqa: PLC0415
 
     task = ray.remote(_ray_block_task).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     shared = [ray.put(x) for x in (src.X, src.columns, src.mean, src.scale)]
     geometry = (src.n_rows, src.tile_cols, src.row_chunk)
-    panels = src.panels
     # Block a holds len(panels) - a tiles: submit the big ones first to balance the tail.
-    pending = [task.remote(*shared, geometry, a, k, threshold, device) for a in range(len(panels))]
-    vals, idx = empty_topk(src.columns.size, k)
+    pending = [task.remote(*shared, geometry, a, k, threshold, device) for a in sorted(todo)]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        a, v, i = ray.get(done[0])
-        sa = panels[a][0]
+        yield ray.get(done[0])
+
+
+def _ray_topk(src: TileSource, k: int, threshold: float, device: str) -> tuple[np.ndarray, ...]:
+    """All row blocks as Ray tasks, merged: (n, k) values and ids (no checkpoint)."""
+    vals, idx = empty_topk(src.columns.size, k)
+    for a, v, i in _ray_blocks(src, k, threshold, device, list(range(len(src.panels)))):
+        sa = src.panels[a][0]
         vals[sa:], idx[sa:] = merge_topk(vals[sa:], idx[sa:], v, i, k)
-        log.debug("graph: row block %d/%d merged", a + 1, len(panels))
     return vals, idx
+
+
+class _Checkpoint:
+    """The merged lists and the finished row blocks, saved now and then so that an interrupted
+    pass 2 resumes. `key` identifies the inputs (columns, statistics, threshold, geometry); a
+    file with another key is ignored and replaced."""
+
+    def __init__(self, path: Path | None, key: str, n: int, k: int, n_blocks: int,
+                 every_s: float) -> None:
+        self.path, self.key, self.every_s = path, key, every_s
+        self.vals, self.idx = empty_topk(n, k)
+        self.done = np.zeros(n_blocks, dtype=bool)
+        self.last = time.monotonic()
+        if path is not None and path.exists():
+            with np.load(path) as f:
+                if str(f["key"]) == key:
+                    self.vals, self.idx, self.done = f["vals"], f["idx"], f["done"]
+                    log.info("graph: resuming pass 2 from %s (%d of %d row blocks done)",
+                             path, int(self.done.sum()), n_blocks)
+
+    def block_done(self, a: int) -> None:
+        self.done[a] = True
+        if self.path is not None and time.monotonic() - self.last >= self.every_s:
+            self.save()
+
+    def save(self) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp.npz")
+        np.savez(tmp, key=self.key, vals=self.vals, idx=self.idx, done=self.done)
+        tmp.replace(self.path)  # atomic: a crash leaves the previous checkpoint intact
+        self.last = time.monotonic()
+
+
+def _pass2_key(src: TileSource, k: int, threshold: float) -> str:
+    h = hashlib.sha256()
+    for arr in (src.columns, src.mean, src.scale):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(repr((src.n_rows, src.tile_cols, k, float(threshold))).encode())
+    return h.hexdigest()
+
+
+def _pass2(
+    src: TileSource, k: int, threshold: float, device: str, use_ray: bool,
+    checkpoint: Path | None, checkpoint_every_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """All row blocks, in this process or as Ray tasks, merged into (n, k) lists."""
+    panels = src.panels
+    ck = _Checkpoint(checkpoint, _pass2_key(src, k, threshold), src.columns.size, k,
+                     len(panels), checkpoint_every_s)
+    todo = [a for a in range(len(panels)) if not ck.done[a]]
+    if use_ray:
+        results = _ray_blocks(src, k, threshold, device, todo)
+    else:
+        xp = array_module(device)  # type: ignore[arg-type]
+        # A generator, so each block sees the floors (current k-th values) merged so far.
+        results = ((a, *row_block_topk(src, a, k, threshold, xp, floor=ck.vals[:, k - 1]))
+                   for a in todo)
+    for a, v, i in results:
+        sa = panels[a][0]
+        ck.vals[sa:], ck.idx[sa:] = merge_topk(ck.vals[sa:], ck.idx[sa:], v, i, k)
+        ck.block_done(a)
+        log.debug("graph: row block %d/%d merged", a + 1, len(panels))
+    return ck.vals, ck.idx
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +235,8 @@ def build_graph(
     columns: np.ndarray | None = None,
     device: str = "cpu",
     use_ray: bool = False,
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 60.0,
 ) -> GraphResult:
     """The correlation k-NN graph of the columns `columns` of X.
 
@@ -170,6 +244,8 @@ def build_graph(
     whole). columns: (n,) global ids of the alive columns (None: all), in node order.
     device: "cpu" | "cuda" | "auto" for the tile math. use_ray: run the panels and row blocks
     as Ray tasks (Ray must already be initialised, e.g. by scalespd.raytools.ensure_ray).
+    checkpoint: a file where pass 2 saves its merged lists every `checkpoint_every_s` seconds
+    and resumes from (when it belongs to the same inputs); the caller removes it when done.
 
     Raises ValueError for a non-2-D or non-numeric X, fewer than 2 rows, an empty / repeated /
     out-of-range column selection, and NaN or inf values in the selected columns. When k is
@@ -180,7 +256,7 @@ def build_graph(
     cols = validate_columns(columns, n_total)
     check_rows(n_rows)
     dev = resolve_device(device)
-    xp = array_module(dev)
+    checkpoint = None if checkpoint is None else Path(checkpoint)
     if use_ray:
         import ray  # noqa: PLC0415
 
@@ -223,8 +299,7 @@ def build_graph(
             (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
             n_rows, cfg.tile_cols, cfg.row_chunk,
         )
-        vals, idx = _ray_topk(src, k, threshold, dev) if use_ray else tiled_topk(
-            src, k, threshold, xp)
+        vals, idx = _pass2(src, k, threshold, dev, use_ray, checkpoint, checkpoint_every_s)
     timings["topk_s"] = time.perf_counter() - t2
 
     # Back to all n nodes: constant columns keep empty lists.

@@ -3,8 +3,9 @@
 Only alive columns enter the graph (node i = the i-th alive component in global order). The
 work runs as Ray tasks when the alive columns span more than one tile; a single tile runs in
 this process. The output is written completely before summary.json, so an interrupted stage
-leaves no summary and is simply redone; a complete output made with the same graph config on
-the same profiles is reused.
+leaves no summary; re-running it redoes the cheap passes and resumes the correlation pass from
+its checkpoint (graph/pass2_checkpoint.npz, saved every minute). A complete output made with
+the same graph config on the same profiles is reused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from scalespd.graph.build import SUMMARY, GraphResult, build_graph
 log = logging.getLogger(__name__)
 
 GRAPH_DIR = "graph"
+# Pass 2's merged lists, saved every minute while it runs; an interrupted stage resumes there.
+CHECKPOINT = "pass2_checkpoint.npz"
 
 
 def _manifest_info(summary: dict[str, Any]) -> dict[str, Any]:
@@ -68,9 +71,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         from scalespd.raytools import ensure_ray  # noqa: PLC0415
 
         ensure_ray(cfg.ray)
-    result: GraphResult = build_graph(X, cfg.graph, columns, device=device, use_ray=use_ray)
+    checkpoint = out / CHECKPOINT
+    result: GraphResult = build_graph(X, cfg.graph, columns, device=device, use_ray=use_ray,
+                                      checkpoint=checkpoint)
     result.summary["source"] = source
     result.save(out)
+    checkpoint.unlink(missing_ok=True)
     log.info("graph: %d nodes, %d edges, %d components (largest %s), threshold %.4f",
              columns.size, result.summary["n_edges"], result.summary["n_components"],
              result.summary["largest_components"][:3], result.threshold)

@@ -2,17 +2,20 @@
 
 Columns are z-scored per panel and scaled by 1/sqrt(M), so a correlation tile is one GEMM,
 C = Z_aᵀ Z_b (accumulated over row chunks when M > row_chunk). Only the upper triangle of tile
-pairs (b ≥ a) is computed: tile (a, b) feeds the top-k of the rows of a (C) and of the rows of b
-(Cᵀ, the very same numbers), so the two directions of an edge always carry the same weight.
+pairs (b ≥ a) is computed: tile (a, b) feeds the lists of the rows of a (row-wise) and of the
+rows of b (column-wise) from the very same numbers, so both directions of an edge carry the same
+weight (on a diagonal tile only its strict upper triangle is used, for both directions).
 
-Top-k order is total: larger correlation first, then smaller column index. The top-k of a union
-of candidate sets is therefore unique, and partial top-k lists may be merged in any order (Ray
-tasks finishing in any order give the same result as the in-process loop).
+Selection. A tile is never sorted. Each node carries a lower bound of its final k-th value (the
+k-th entry of its list so far, or a cheap bound from a sample of the tile); only tile entries at
+or above it (and above the edge threshold) leave the device, as a sparse list that is merged
+into the (r, k) lists on the host. Top-k order is total: larger correlation first, then smaller
+node id. The top-k of a union of candidate sets is therefore unique, and partial lists may be
+merged in any order (Ray tasks finishing in any order give the in-process result).
 
-Memory of one row-block task: the panels (≤ 2·row_chunk·tile_cols float32), the tile and its
-scratch (a few tile_cols² float32), and the top-k lists of the rows it touches (≤ n·k).
-The GEMM and the per-tile selection run on NumPy or CuPy (`xp`); the small top-k merges run on
-the host.
+Memory of one row-block task: the panels (≤ 2·row_chunk·tile_cols float32), the tile and a
+boolean mask (tile_cols² · 5 bytes), the surviving candidates, and the lists of the rows it
+touches (≤ n·k). The GEMM, the bounds and the masks run on NumPy or CuPy (`xp`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from scalespd.backend import to_numpy
 from scalespd.graph.panels import panel_bounds, read_block, row_chunks
+
 
 @dataclass(frozen=True)
 class TileSource:

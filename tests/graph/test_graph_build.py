@@ -283,3 +283,39 @@ def test_stage_with_no_alive_columns_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="no alive subcomponents"):
         stage.run(RunConfig(), tmp_path)
     assert not (tmp_path / "graph").exists()
+
+
+def test_interrupted_pass2_resumes_from_checkpoint(tmp_path, monkeypatch) -> None:
+    """A crash after some row blocks leaves a checkpoint; the re-run computes only the missing
+    blocks and gives the uninterrupted result. A checkpoint of other inputs is ignored."""
+    import scalespd.graph.build as gb
+
+    X, _ = planted_profiles(n_mechanisms=70, n_rows=700, seed=8)
+    cfg = GraphConfig(k=5, tile_cols=40, row_chunk=256)
+    ref = build_graph(X, cfg)
+    n_blocks = -(-X.shape[1] // 40)
+    calls: list[int] = []
+    real = gb.row_block_topk
+
+    def crashing(src, a, *args, **kw):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(a)
+        return real(src, a, *args, **kw)
+
+    ck = tmp_path / "ck.npz"
+    monkeypatch.setattr(gb, "row_block_topk", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        build_graph(X, cfg, checkpoint=ck, checkpoint_every_s=0.0)
+    assert ck.exists()
+    calls.clear()
+    monkeypatch.setattr(gb, "row_block_topk", lambda src, a, *args, **kw: (
+        calls.append(a), real(src, a, *args, **kw))[1])
+    resumed = build_graph(X, cfg, checkpoint=ck, checkpoint_every_s=0.0)
+    assert sorted(calls) == list(range(3, n_blocks))
+    _assert_same_result(resumed, ref, atol=0)
+    # Another threshold = other inputs: the checkpoint is not used.
+    calls.clear()
+    other = build_graph(X, cfg.model_copy(update={"edge_threshold": 0.0}), checkpoint=ck)
+    assert sorted(calls) == list(range(n_blocks))
+    _assert_same_result(other, build_graph(X, cfg.model_copy(update={"edge_threshold": 0.0})))
