@@ -199,6 +199,9 @@ class DecomposeConfig(Cfg):
     # Ray Train scaling.
     num_workers: PosInt = 1
     use_gpu: bool = False
+    # CPUs each Ray Train worker reserves, and its torch threads. 1 by default: toy models are
+    # too small for intra-op parallelism, and extra threads on a busy CPU slow them down a lot.
+    cpus_per_worker: PosInt = 1
     max_failures: int = Field(default=0, ge=-1)
 
     @model_validator(mode="after")
