@@ -123,6 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from scalespd.targets import load_target  # noqa: PLC0415
 
+    # Ray Train logs each report's whole metrics dict at INFO; our own progress line suffices.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     cfg = RunConfig.model_validate(config["run"])
     dcfg = cfg.decompose
     run_dir = Path(config["run_dir"])
@@ -159,6 +161,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             eval_metrics = _report_with_checkpoint(trainer, metrics, step, rank, t0, steps_done)
         elif step % dcfg.log_every == 0:
             ray.train.report(_train_metrics(metrics, step, t0, steps_done))
+        if rank == 0 and step % dcfg.log_every == 0:
+            log.info("decompose step %d/%d  loss %.4g  (%.1f steps/s)", step, dcfg.steps,
+                     metrics.get("total", float("nan")),
+                     steps_done / max(time.perf_counter() - t0, 1e-9))
 
     if rank == 0:
         if eval_metrics is None:
@@ -202,19 +208,6 @@ def _report_with_checkpoint(trainer: Any, metrics: dict[str, Any], step: int, ra
 # --------------------------------------------------------------------------------------------
 
 
-def _cpus_per_worker(num_workers: int, use_gpu: bool) -> int:
-    """Give each CPU worker an equal share of the largest node's CPUs (at least 1), so a single
-    worker on a 2-core machine uses both cores, and torch threads match the reservation."""
-    import ray  # noqa: PLC0415
-
-    if use_gpu:
-        return 1
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    largest = int(max(node_cpus, default=1))
-    total = int(sum(node_cpus))
-    return max(1, min(largest, total // num_workers))
-
-
 def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | None = None
            ) -> dict[str, Any]:
     """Run (or resume) the decomposition of `run_dir/target` with Ray Train.
@@ -230,7 +223,7 @@ def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | N
     run_dir = Path(run_dir).resolve()
     decompose_dir(run_dir).mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg.ray)
-    cpus = _cpus_per_worker(dcfg.num_workers, dcfg.use_gpu)
+    cpus = dcfg.cpus_per_worker
     resumed = checkpoint_root(run_dir).exists()
     log.info("decompose: %s Ray Train run %r (%d worker(s) x %d CPU%s) in %s",
              "resuming" if resumed else "starting", RAY_RUN_NAME, dcfg.num_workers, cpus,
