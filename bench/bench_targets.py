@@ -6,7 +6,7 @@
 With --max-steps, targets whose recipe is longer are trained for N steps and the full time is
 extrapolated linearly (marked "extrapolated": true). Writes bench/results/targets_train.json
 with, per target: steps run, recipe steps, seconds, steps/s, final/eval/zero-output losses and
-the one-hot sanity check (how many features reproduce 0.75 within 0.1; TMS only) and the
+the one-hot sanity check (`training.sanity_check`) and the
 load average around each run (timings are only comparable on an otherwise idle machine).
 """
 
@@ -21,13 +21,10 @@ from pathlib import Path
 
 import torch
 
-from scalespd.targets import PRESETS, one_hot_inputs, preset, train_target
+from scalespd.targets import PRESETS, preset, train_target
+from scalespd.targets.training import sanity_check
 
 
-def one_hot_check(model: torch.nn.Module, cfg) -> int:
-    with torch.no_grad():
-        out = model(one_hot_inputs(cfg, 0.75))
-    return int(((out.diagonal() - 0.75).abs() < 0.1).sum())
 
 
 def main() -> None:
@@ -59,8 +56,7 @@ def main() -> None:
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             **{k: info[k] for k in ("final_loss", "eval_loss", "zero_output_loss")},
         }
-        if cfg.kind == "tms":
-            rec["one_hot_features_ok"] = f"{one_hot_check(model, cfg)}/{cfg.n_features}"
+        rec.update({k: v for k, v in sanity_check(model, cfg).items() if k != "one_hot_diag"})
         print(json.dumps(rec), flush=True)
         results.append(rec)
     args.out.parent.mkdir(parents=True, exist_ok=True)

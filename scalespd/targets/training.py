@@ -34,8 +34,8 @@ EVAL_BATCH = 8192
 def derive_seed(seed: int, stream: int) -> int:
     """A 63-bit seed for `stream`, statistically independent of other streams and seeds."""
     entropy = seed % (1 << 63)  # SeedSequence needs a non-negative int
-    return int(np.random.SeedSequence(entropy, spawn_key=(stream,)).generate_state(2, np.uint64)[0]
-               % (1 << 63))
+    state = np.random.SeedSequence(entropy, spawn_key=(stream,)).generate_state(1, np.uint64)
+    return int(state[0] % (1 << 63))
 
 
 def make_generator(seed: int, stream: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -63,7 +63,7 @@ def sanity_check(model: nn.Module, cfg: AnyTargetConfig) -> dict[str, Any]:
     """One-hot behaviour of a trained target, recorded in meta.json.
 
     TMS (reference check): input 0.75 on feature f alone should come back as ~0.75 on output f;
-    `features_ok` counts features within 0.1. ResidMLP (APD App. C.1): input 1 on feature f
+    `features_ok` counts features within 0.1, `features_represented` those above 0.375. ResidMLP (APD App. C.1): input 1 on feature f
     should give ~1.6 against the label 2 on output f (MSE makes it undershoot); we report the
     mean diagonal output and the mean |off-diagonal| output."""
     device = next(model.parameters()).device
@@ -72,6 +72,10 @@ def sanity_check(model: nn.Module, cfg: AnyTargetConfig) -> dict[str, Any]:
         diag = out.diagonal()
         return {"one_hot_value": 0.75,
                 "one_hot_features_ok": int(((diag - 0.75).abs() < 0.1).sum()),
+                # Trained 40-10 models undershoot (measured ~0.62: a negative bias suppresses
+                # interference), so "represented" (output above half the input) is the check
+                # that a feature is alive at all.
+                "one_hot_features_represented": int((diag > 0.375).sum()),
                 "one_hot_diag": [round(float(v), 4) for v in diag]}
     out = model(one_hot_inputs(cfg, 1.0, device))
     off = out - torch.diag(out.diagonal())

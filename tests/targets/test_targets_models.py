@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,6 +142,18 @@ def test_tms_tied_weights_share_one_parameter_and_stay_tied_after_training() -> 
     trained.zero_grad()
     trained(torch.rand(4, 5)).sum().backward()
     assert trained.linear1.weight.grad is not None
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_tms_tying_survives_copies(how: str) -> None:
+    """Ray and checkpointing copy models; the copy must tie to its own linear1."""
+    model = build_target(preset("tms_5-2"))
+    copied = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert copied.linear2.weight.data_ptr() == copied.linear1.weight.data_ptr()
+    assert copied.linear1.weight.data_ptr() != model.linear1.weight.data_ptr()
+    with torch.no_grad():
+        copied.linear1.weight.mul_(2.0)
+    torch.testing.assert_close(copied.linear2.weight, 2 * model.linear1.weight.T)
 
 
 def test_tms_untied_has_independent_linear2() -> None:
