@@ -40,7 +40,7 @@ from scipy.sparse.csgraph import connected_components
 
 from scalespd.backend import kmeans
 from scalespd.config import SpectralConfig
-from scalespd.spectral.eigen import smallest_eigenpairs
+from scalespd.spectral.eigen import Graph, smallest_eigenpairs
 
 
 def piece_seed(base_seed: int, key: int, depth: int) -> int:
@@ -80,8 +80,15 @@ class PieceResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+def induced(W: Graph, idx: np.ndarray) -> Graph:
+    """Subgraph on the node indices idx (same representation as W)."""
+    if isinstance(W, np.ndarray):
+        return W[np.ix_(idx, idx)]
+    return W[idx][:, idx].tocsr()
+
+
 def cluster_piece(
-    W: sp.csr_matrix,
+    W: Graph,
     keys: np.ndarray,
     cfg: SpectralConfig,
     *,
@@ -89,7 +96,7 @@ def cluster_piece(
     n_clusters: int | None = None,
     device: Literal["cpu", "cuda"] = "cpu",
 ) -> PieceResult:
-    """Cluster one connected graph W (n×n symmetric CSR, positive weights).
+    """Cluster one connected graph W (n×n symmetric CSR or dense array, positive weights).
 
     keys (n,): the nodes' global ids (ascending order not required); the smallest seeds the
     randomness. n_clusters: use this K instead of the eigengap (no recursion then). device:
@@ -139,7 +146,7 @@ def cluster_piece(
 
 
 def _split_clusters(
-    W: sp.csr_matrix,
+    W: Graph,
     keys: np.ndarray,
     labels: np.ndarray,
     cfg: SpectralConfig,
@@ -153,13 +160,13 @@ def _split_clusters(
     next_id = 0
     for c in range(int(labels.max()) + 1):
         members = np.flatnonzero(labels == c)
-        sub = W[members][:, members].tocsr()
+        sub = induced(W, members)
         n_cc, cc = connected_components(sub, directed=False)
         for p in range(n_cc):
             part = members[cc == p]
             local = np.flatnonzero(cc == p)
-            res = cluster_piece(sub[local][:, local].tocsr(), keys[part], cfg,
-                                depth=depth + 1, device=device)
+            res = cluster_piece(induced(sub, local), keys[part], cfg, depth=depth + 1,
+                                device=device)
             refined[part] = res.labels + next_id
             next_id += int(res.labels.max()) + 1
             records.extend(res.records)

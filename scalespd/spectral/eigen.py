@@ -37,13 +37,17 @@ _SHIFT = -1e-3
 GPU_DENSE_MAX_NODES = 4096
 
 
-def degrees(W: sp.csr_matrix) -> np.ndarray:
+Graph = sp.csr_matrix | np.ndarray  # small pieces travel as dense (n, n) arrays
+
+
+def degrees(W: Graph) -> np.ndarray:
     """Weighted degrees d_i = Σ_j W_ij, shape (n,), float64."""
     return np.asarray(W.sum(axis=1), dtype=np.float64).ravel()
 
 
-def normalized_adjacency(W: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
-    """A = D^-1/2 W D^-1/2 (n×n CSR, float64) and D^-1/2 (n,). Every degree must be > 0."""
+def normalized_adjacency(W: Graph) -> tuple[Graph, np.ndarray]:
+    """A = D^-1/2 W D^-1/2 (n×n, float64; CSR for sparse W, dense for dense W) and D^-1/2 (n,).
+    Every degree must be > 0."""
     d = degrees(W)
     if d.size and d.min() <= 0:
         raise ValueError(
@@ -51,9 +55,15 @@ def normalized_adjacency(W: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
             "expects one connected component with positive edge weights"
         )
     dinv = 1.0 / np.sqrt(d)
+    if isinstance(W, np.ndarray):
+        return W.astype(np.float64) * dinv[:, None] * dinv[None, :], dinv
     Dm = sp.diags(dinv)
     A = (Dm @ W.astype(np.float64) @ Dm).tocsr()
     return A, dinv
+
+
+def _dense(A: Graph) -> np.ndarray:
+    return A if isinstance(A, np.ndarray) else A.toarray()
 
 
 def fix_signs(V: np.ndarray) -> np.ndarray:
@@ -75,11 +85,11 @@ def _finish(lam: np.ndarray, U: np.ndarray, dinv: np.ndarray) -> tuple[np.ndarra
     return lam, fix_signs(V)
 
 
-def dense_eigenpairs(W: sp.csr_matrix, n_eig: int) -> tuple[np.ndarray, np.ndarray]:
+def dense_eigenpairs(W: Graph, n_eig: int) -> tuple[np.ndarray, np.ndarray]:
     """Smallest `n_eig` eigenpairs, dense LAPACK. Returns λ (n_eig,) ascending and V (n, n_eig)."""
     n = W.shape[0]
     A, dinv = normalized_adjacency(W)
-    L = np.eye(n) - A.toarray()
+    L = np.eye(n) - _dense(A)
     lam, U = scipy.linalg.eigh(L, subset_by_index=[0, n_eig - 1], check_finite=False)
     return _finish(lam, U, dinv)
 
@@ -162,7 +172,7 @@ def gpu_eigenpairs(
     n = W.shape[0]
     if n <= dense_max_nodes:
         A, dinv = normalized_adjacency(W)
-        L = cp.eye(n) - cp.asarray(A.toarray())
+        L = cp.eye(n) - cp.asarray(_dense(A))
         lam, U = cp.linalg.eigh(L)
         return (*_finish(cp.asnumpy(lam[:n_eig]), cp.asnumpy(U[:, :n_eig]), dinv), "gpu_dense")
 
@@ -175,7 +185,7 @@ def gpu_eigenpairs(
 
 
 def smallest_eigenpairs(
-    W: sp.csr_matrix,
+    W: Graph,
     n_eig: int,
     *,
     dense_max_nodes: int = 2000,
@@ -183,14 +193,17 @@ def smallest_eigenpairs(
     device: Literal["cpu", "cuda"] = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, Solver]:
     """The smallest `n_eig` eigenpairs of L v = λ D v for one connected graph W (n×n symmetric
-    CSR, positive weights, n ≥ n_eig). Returns λ (n_eig,) ascending, V (n, n_eig) D-orthonormal
+    CSR or dense array, positive weights, n ≥ n_eig). Returns λ (n_eig,) ascending, V (n, n_eig) D-orthonormal
     with fixed signs, and the name of the solver used."""
     n = W.shape[0]
     if not 1 <= n_eig <= n:
         raise ValueError(f"n_eig must be in [1, {n}] for a graph of {n} nodes, got {n_eig}")
+    gpu_dense_max = max(dense_max_nodes, GPU_DENSE_MAX_NODES)
     if device == "cuda":
-        return gpu_eigenpairs(W, n_eig, seed, max(dense_max_nodes, GPU_DENSE_MAX_NODES))
+        if isinstance(W, np.ndarray) and n > gpu_dense_max:
+            W = sp.csr_matrix(W)
+        return gpu_eigenpairs(W, n_eig, seed, gpu_dense_max)
     # ARPACK needs n_eig < n - 1 (and is pointless for tiny graphs): dense there too.
     if n <= dense_max_nodes or n_eig >= n - 1:
         return (*dense_eigenpairs(W, n_eig), "dense")
-    return sparse_eigenpairs(W, n_eig, seed)
+    return sparse_eigenpairs(sp.csr_matrix(W), n_eig, seed)

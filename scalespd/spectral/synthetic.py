@@ -14,19 +14,22 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def _block_edges(n: int, extra_degree: float, rng: np.random.Generator) -> np.ndarray:
-    """Edges (E, 2) of a connected random graph on n nodes: a random Hamiltonian path closed to a
-    ring (n ≥ 3), plus ≈ extra_degree·n/2 random chords."""
+def _block_edges(n: int, degree: float, rng: np.random.Generator) -> np.ndarray:
+    """Edges (E, 2) of a connected random graph on n nodes with average degree ≈ `degree`: the
+    union of ⌊degree/2⌋ random Hamiltonian cycles (so degree 4 gives a random ≤4-regular graph,
+    the shape of a mutual 4-NN graph inside a mechanism) plus random chords for the rest."""
     if n == 1:
         return np.empty((0, 2), dtype=np.int64)
-    perm = rng.permutation(n)
-    path = np.stack([perm[:-1], perm[1:]], axis=1)
-    edges = [path]
-    if n >= 3:
-        edges.append(np.array([[perm[-1], perm[0]]]))
-        n_extra = int(round(extra_degree * n / 2))
-        if n_extra:
-            edges.append(rng.integers(0, n, size=(n_extra, 2)))
+    if n == 2:
+        return np.array([[0, 1]])
+    n_cycles = max(1, int(degree // 2))
+    edges = []
+    for _ in range(n_cycles):
+        perm = rng.permutation(n)
+        edges.append(np.stack([perm, np.roll(perm, -1)], axis=1))
+    n_extra = int(round(max(0.0, degree - 2 * n_cycles) * n / 2))
+    if n_extra:
+        edges.append(rng.integers(0, n, size=(n_extra, 2)))
     e = np.concatenate(edges)
     e = e[e[:, 0] != e[:, 1]]
     return np.unique(np.sort(e, axis=1), axis=0)
@@ -35,7 +38,7 @@ def _block_edges(n: int, extra_degree: float, rng: np.random.Generator) -> np.nd
 def planted_graph(
     components: Sequence[Sequence[int]],
     *,
-    extra_degree: float = 2.0,
+    degree: float = 4.0,
     weight_in: tuple[float, float] = (0.5, 1.0),
     weight_between: tuple[float, float] = (0.02, 0.1),
     bridges: int = 1,
@@ -44,7 +47,7 @@ def planted_graph(
     """A symmetric weighted graph with planted clusters.
 
     components: for each connected component, its block (true cluster) sizes. Blocks are random
-    connected graphs with weights ~ U(weight_in); consecutive blocks of a component are joined by
+    connected graphs of average degree ≈ `degree` with weights ~ U(weight_in); consecutive blocks of a component are joined by
     `bridges` weak edges ~ U(weight_between). Nodes are shuffled so that blocks are not contiguous.
     Returns W (n×n CSR float64), truth (n,) block id, component (n,) component id."""
     rng = np.random.default_rng(seed)
@@ -53,7 +56,7 @@ def planted_graph(
     for c, sizes in enumerate(components):
         starts = []
         for size in sizes:
-            e = _block_edges(size, extra_degree, rng) + offset
+            e = _block_edges(size, degree, rng) + offset
             rows.append(e[:, 0]); cols.append(e[:, 1])  # noqa: E702
             vals.append(rng.uniform(*weight_in, size=len(e)))
             starts.append(offset)
@@ -130,7 +133,8 @@ def power_law_sizes(
     n_components: int, total_nodes: int, largest: int, *, smallest: int = 2, seed: int = 0
 ) -> np.ndarray:
     """Component sizes in [smallest, largest] from a discrete power law whose exponent is tuned
-    so that they sum to about `total_nodes`; the largest is forced to `largest`. (n_components,)"""
+    to the wanted mean, then nudged to sum to exactly `total_nodes`; the largest is forced to
+    `largest`. Returns (n_components,) sizes, descending."""
     rng = np.random.default_rng(seed)
     s = np.arange(smallest, largest + 1, dtype=np.float64)
     target_mean = (total_nodes - largest) / max(n_components - 1, 1)
@@ -144,6 +148,14 @@ def power_law_sizes(
         else:
             hi = alpha
     sizes = rng.choice(s.astype(np.int64), size=n_components - 1, p=p)
+    # Nudge random entries by ±1 (within bounds) until the total is exactly total_nodes.
+    diff = total_nodes - largest - int(sizes.sum())
+    while diff:
+        i = int(rng.integers(sizes.size))
+        step = 1 if diff > 0 else -1
+        if smallest <= sizes[i] + step <= largest:
+            sizes[i] += step
+            diff -= step
     return np.sort(np.concatenate([[largest], sizes]))[::-1]
 
 

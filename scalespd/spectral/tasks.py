@@ -24,6 +24,7 @@ from scipy.sparse.csgraph import connected_components
 
 from scalespd.config import SpectralConfig
 from scalespd.spectral.core import PieceResult, canonical_labels, cluster_piece
+from scalespd.spectral.eigen import Graph
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ _PIECE_OVERHEAD = 2.5e-3
 
 @dataclass
 class ClusteringResult:
-    """labels (n,): global cluster id per node (−1 for nodes not clustered); spectra: one record
-    per solved piece (size ≥ 3) and its recursive splits; timings in seconds."""
+    """labels (n,): global cluster id per node; spectra: one record per solved piece (size ≥ 3)
+    and its recursive splits; n_pieces counts every connected piece (isolated nodes included),
+    n_tasks the solver tasks; timings in seconds."""
 
     labels: np.ndarray
     spectra: list[dict[str, Any]] = field(default_factory=list)
@@ -100,7 +102,7 @@ def pack_pieces(costs: list[float], min_seconds: float) -> list[list[int]]:
 
 
 def solve_batch(
-    subgraphs: list[sp.csr_matrix], keys: list[np.ndarray], cfg: SpectralConfig, device: Device
+    subgraphs: list[Graph], keys: list[np.ndarray], cfg: SpectralConfig, device: Device
 ) -> list[PieceResult]:
     """Cluster each piece of a batch (the body of one Ray task; also called without Ray)."""
     return [cluster_piece(W, k, cfg, device=device) for W, k in zip(subgraphs, keys, strict=True)]
@@ -145,22 +147,26 @@ def cluster_graph_detailed(
     if keys.shape != (n,) or np.unique(keys).size != n:
         raise ValueError(f"node_keys must be {n} distinct ids")
     pieces = graph_pieces(W, labels)
-    subgraphs = _subgraphs(W, pieces)
-    costs = [estimate_seconds(p.size, g.nnz, cfg) for p, g in zip(pieces, subgraphs, strict=True)]
+    # Pieces of 1–2 nodes are one cluster each and need no task; the rest are solved (sorted by
+    # size, largest first, as graph_pieces returns them).
+    solve = [p for p in pieces if p.size > 2]
+    subgraphs = _subgraphs(W, solve, cfg.dense_max_nodes)
+    costs = [estimate_seconds(p.size, g.nnz if sp.issparse(g) else 0, cfg) for p, g in
+             zip(solve, subgraphs, strict=True)]
     tasks = pack_pieces(costs, cfg.min_task_seconds)
     t_prep = time.perf_counter()
 
-    results: list[PieceResult | None] = [None] * len(pieces)
+    results: list[PieceResult | None] = [None] * len(solve)
     if use_ray:
         remote = _ray_solve()
         refs = []
         for t in tasks:
-            big_gpu = device == "cuda" and pieces[t[0]].size >= cfg.gpu_min_nodes
+            big_gpu = device == "cuda" and solve[t[0]].size >= cfg.gpu_min_nodes
             opts: dict[str, Any] = {"num_cpus": num_cpus_per_task}
             if big_gpu:
                 opts["num_gpus"] = 1
             refs.append(remote.options(**opts).remote(
-                [subgraphs[i] for i in t], [keys[pieces[i]] for i in t], cfg,
+                [subgraphs[i] for i in t], [keys[solve[i]] for i in t], cfg,
                 device if big_gpu else "cpu"))
         import ray  # noqa: PLC0415
 
@@ -169,16 +175,21 @@ def cluster_graph_detailed(
                 results[i] = res
     else:
         for t in _progress(tasks, len(tasks), progress):
-            out = solve_batch([subgraphs[i] for i in t], [keys[pieces[i]] for i in t], cfg,
+            out = solve_batch([subgraphs[i] for i in t], [keys[solve[i]] for i in t], cfg,
                               device)
             for i, res in zip(t, out, strict=True):
                 results[i] = res
     t_solve = time.perf_counter()
 
+    # Provisional ids: trivial pieces first (one id each), then the solved pieces' clusters;
+    # the final ids come from canonical_labels (order of smallest node).
     raw = np.full(n, -1, dtype=np.int64)
+    trivial = [p for p in pieces if p.size <= 2]
+    if trivial:
+        raw[np.concatenate(trivial)] = np.repeat(np.arange(len(trivial)), [p.size for p in trivial])
+    offset = len(trivial)
     spectra: list[dict[str, Any]] = []
-    offset = 0
-    for p, res in zip(pieces, results, strict=True):
+    for p, res in zip(solve, results, strict=True):
         assert res is not None
         raw[p] = res.labels + offset
         offset += int(res.labels.max()) + 1
@@ -200,16 +211,29 @@ def cluster_graph(
     return cluster_graph_detailed(W, labels, cfg, **kwargs).labels
 
 
-def _subgraphs(W: sp.csr_matrix, pieces: list[np.ndarray]) -> list[sp.csr_matrix]:
-    """Induced subgraph of each piece (positive weights only). W is permuted once so that every
-    piece is a contiguous diagonal block: O(nnz + n) overall instead of O(n) per piece."""
+def _subgraphs(W: sp.csr_matrix, pieces: list[np.ndarray], dense_max: int) -> list[Graph]:
+    """Induced subgraph of each piece (positive weights only): a dense (n, n) array up to
+    `dense_max` nodes (cheap to build, ship and solve), CSR above. W is permuted once so that
+    every piece is a contiguous diagonal block: O(nnz + n) overall, not O(n) per piece."""
     if not pieces:
         return []
     order = np.concatenate(pieces)
     P = W[order][:, order].tocsr()
     P.eliminate_zeros()
     bounds = np.concatenate([[0], np.cumsum([p.size for p in pieces])])
-    return [P[a:b, a:b].tocsr() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    out: list[Graph] = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if b - a > dense_max:
+            out.append(P[a:b, a:b].tocsr())
+            continue
+        lo, hi = P.indptr[a], P.indptr[b]
+        rows = np.repeat(np.arange(b - a), np.diff(P.indptr[a:b + 1]))
+        cols = P.indices[lo:hi] - a
+        keep = (cols >= 0) & (cols < b - a)  # edges leaving the piece (split label groups)
+        D = np.zeros((b - a, b - a))
+        D[rows[keep], cols[keep]] = P.data[lo:hi][keep]
+        out.append(D)
+    return out
 
 
 def _progress(it: Any, total: int, enabled: bool) -> Any:

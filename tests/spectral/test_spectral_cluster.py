@@ -24,7 +24,7 @@ def _assorted(seed: int, n_components: int = 60) -> list[list[int]]:
 
 
 def test_planted_graph_recovered_with_defaults():
-    W, truth, comp = planted_graph(_assorted(0), extra_degree=5, seed=0)
+    W, truth, comp = planted_graph(_assorted(0), degree=7, seed=0)
     res = cluster_graph_detailed(W, comp, SpectralConfig(), use_ray=False)
     assert adjusted_rand_score(truth, res.labels) >= 0.95
     # Every component with at most K_max blocks gets exactly its number of blocks as K.
@@ -39,29 +39,48 @@ def test_planted_graph_recovered_with_defaults():
 @pytest.mark.parametrize("n_blocks", [2, 4, 7, 11])
 def test_eigengap_finds_true_k(n_blocks):
     rng = np.random.default_rng(n_blocks)
-    W, truth, _ = planted_graph([list(rng.integers(6, 30, size=n_blocks))], extra_degree=5,
+    W, truth, _ = planted_graph([list(rng.integers(6, 30, size=n_blocks))], degree=7,
                                 seed=n_blocks)
     res = cluster_piece(W, np.arange(W.shape[0]), SpectralConfig())
     assert res.records[0]["k"] == n_blocks
     assert adjusted_rand_score(truth, res.labels) >= 0.99
 
 
+def _two_level_graph(seed: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """12 blocks in 6 pairs: blocks of a pair share moderate bridges, pairs are chained by one
+    very weak edge each. Its spectrum: 6 tiny eigenvalues, 6 small ones, then the bulk — the
+    eigengap with K_max = 6 picks K_max itself."""
+    W, truth, comp = planted_graph([[15, 15]] * 6, degree=6, bridges=3,
+                                   weight_between=(0.2, 0.3), seed=seed)
+    W = W.tolil()
+    for c in range(5):
+        a, b = np.flatnonzero(comp == c)[0], np.flatnonzero(comp == c + 1)[0]
+        W[a, b] = W[b, a] = 1e-3
+    return W.tocsr(), truth
+
+
 def test_recursive_split_when_k_hits_k_max():
-    rng = np.random.default_rng(5)
-    W, truth, _ = planted_graph([list(rng.integers(8, 20, size=14))], extra_degree=5, seed=5)
+    W, truth = _two_level_graph(5)
     keys = np.arange(W.shape[0])
-    # Paper rule alone (no look-ahead), K_max = 6 < 14 blocks.
-    cfg = SpectralConfig(k_max=6, eigengap_lookahead=0)
+    cfg = SpectralConfig(k_max=6, eigengap_lookahead=0)  # the paper's rule alone
     flat = cluster_piece(W, keys, cfg.model_copy(update={"recursive_split": False}))
-    assert flat.labels.max() + 1 <= 6
+    assert flat.records[0]["k"] == 6 and flat.labels.max() + 1 == 6
     deep = cluster_piece(W, keys, cfg)
+    assert deep.records[0]["split"]
+    assert max(r["depth"] for r in deep.records) == 1
     assert adjusted_rand_score(truth, deep.labels) >= 0.95
-    assert deep.labels.max() + 1 == 14
-    if flat.records[0]["k"] == 6:  # the eigengap hit K_max: the split must have happened
-        assert deep.records[0].get("split") and max(r["depth"] for r in deep.records) >= 1
-    # max_depth bounds the recursion.
-    shallow = cluster_piece(W, keys, cfg.model_copy(update={"max_depth": 1}))
-    assert max(r["depth"] for r in shallow.records) <= 1
+    assert deep.labels.max() + 1 == 12
+    # max_depth bounds the recursion (max_depth 1: pieces at depth 1 are not split again).
+    capped = cluster_piece(W, keys, cfg.model_copy(update={"max_depth": 1}))
+    assert max(r["depth"] for r in capped.records) <= 1
+
+
+def test_recursive_split_many_blocks_with_lookahead():
+    rng = np.random.default_rng(5)
+    W, truth, _ = planted_graph([list(rng.integers(8, 20, size=14))], degree=7, seed=5)
+    res = cluster_piece(W, np.arange(W.shape[0]), SpectralConfig(k_max=6))
+    assert res.records[0]["k_lookahead"] == 14 and res.records[0]["k"] == 6
+    assert adjusted_rand_score(truth, res.labels) >= 0.95
 
 
 def test_lookahead_detects_more_than_k_max_clusters():
@@ -73,7 +92,7 @@ def test_lookahead_detects_more_than_k_max_clusters():
         aris = []
         for seed in range(3):
             rng = np.random.default_rng(seed)
-            W, truth, _ = planted_graph([list(rng.integers(8, 30, size=20))], extra_degree=6,
+            W, truth, _ = planted_graph([list(rng.integers(8, 30, size=20))], degree=8,
                                         seed=seed)
             res = cluster_piece(W, np.arange(W.shape[0]), cfg)
             aris.append(adjusted_rand_score(truth, res.labels))
@@ -90,7 +109,7 @@ def test_agrees_with_sklearn_spectral_clustering():
         rng = np.random.default_rng(seed)
         K = int(rng.integers(3, 8))
         # Noisier than the other cases: several bridges of moderate weight between blocks.
-        W, truth, _ = planted_graph([list(rng.integers(15, 40, size=K))], extra_degree=4,
+        W, truth, _ = planted_graph([list(rng.integers(15, 40, size=K))], degree=6,
                                     bridges=4, weight_between=(0.1, 0.4), seed=seed)
         ours = cluster_piece(W, np.arange(W.shape[0]), SpectralConfig(), n_clusters=K).labels
         ref = SpectralClustering(n_clusters=K, affinity="precomputed",

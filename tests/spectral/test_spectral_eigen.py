@@ -27,7 +27,7 @@ needs_gpu = pytest.mark.skipif(not cupy_gpu_available(), reason="no CUDA GPU vis
 
 
 def _graph(n_blocks: int = 6, size: int = 25, seed: int = 0) -> sp.csr_matrix:
-    W, _, _ = planted_graph([[size] * n_blocks], extra_degree=4, seed=seed)
+    W, _, _ = planted_graph([[size] * n_blocks], degree=6, seed=seed)
     return W
 
 
