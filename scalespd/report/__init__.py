@@ -6,4 +6,27 @@ Public API:
   stats.cluster_table, stats.cluster_stats, stats.edge_stats, stats.correlation_stats
   stage.run(cfg, run_dir), stage.build_report(cfg, artifacts, out_dir, ...)
   inputs.load_run(run_dir)                                     read the earlier stages' outputs
+  alternative.alternative_clustering(cfg, run_dir, artifacts)  the "report both" clustering
+
+run_dir/report/summary.json (DESIGN §4 keys first):
+  n_components, n_alive, n_dead, n_edges, n_connected_components, n_isolated,
+  largest_connected_component, graph_threshold, n_zero_variance,
+  n_clusters, cluster_sizes (descending), n_singletons, n_non_singleton,
+  layer_span_counts {"span": count of non-singleton clusters}, frac_multi_layer,
+  n_span_all_layers, composition_counts ("attention-only" / "mlp-only" / "mixed", or
+  module types joined by "+"), module_type_set_counts, n_unclustered_alive,
+  alive_per_module {module: {alive, dead}}, spectral {mode, always_on_fraction, ...},
+  timings {stage: seconds from manifest.json}, report_seconds,
+  edges {n_edges, frac_edges_within, mean_edge_weight_within/between},
+  correlation {mean_corr_within/between, n_pairs_*, n_columns_sampled, n_rows_used},
+  ground_truth (toys): {mechanisms_total, mechanisms_recovered, mechanism_status_counts
+    (recovered / merged / split / incomplete / missing), purity, ari, n_feature_serving,
+    n_dense, n_inactive, n_ties, ties, feature_layers, expected_alive, expected_dense,
+    dense {n_dense, n_clusters_holding_dense, cluster, size, n_dense_in_cluster, purity,
+    recovered, members}, features [{feature, members, layers, clusters, status}], label,
+    always_on_fraction, n_clusters},
+  ground_truth_alternative: the same for the saved graph clustered with the other always-on
+    setting (present when dense or always-on subcomponents exist), plus n_always_on.
+run_dir/report/clusters.json: one record per cluster (largest first): cluster, size, layers,
+  layer_span, module_types, modules, composition, members.
 """

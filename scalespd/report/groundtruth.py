@@ -116,11 +116,12 @@ def purity(clusters: np.ndarray, truth: np.ndarray) -> float | None:
     """Mean over non-singleton clusters of the majority-class share (None: no such cluster).
 
     clusters, truth: (n,) ints; nodes with cluster -1 are ignored."""
-    clusters = np.asarray(clusters)
-    keep = clusters >= 0
+    from scalespd.report.stats import group_members  # noqa: PLC0415
+
+    truth = np.asarray(truth)
     shares = []
-    for c in np.unique(clusters[keep]):
-        members = truth[clusters == c]
+    for idx in group_members(clusters).values():
+        members = truth[idx]
         if len(members) < 2:
             continue
         _, counts = np.unique(members, return_counts=True)

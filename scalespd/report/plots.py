@@ -34,8 +34,9 @@ def _boundaries(sorted_clusters: np.ndarray) -> np.ndarray:
 
 
 def correlation_heatmap(corr: np.ndarray, clusters: np.ndarray, path: Path,
-                        title: str = "") -> Path:
-    """corr: (s, s) correlation of sampled columns already ordered by cluster; clusters: (s,)."""
+                        title: str = "", labels: list[str] | None = None) -> Path:
+    """corr: (s, s) correlation of sampled columns already ordered by cluster; clusters: (s,);
+    labels: (s,) subcomponent names, drawn as ticks when there are few."""
     plt = _plt()
     s = len(clusters)
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -49,8 +50,12 @@ def correlation_heatmap(corr: np.ndarray, clusters: np.ndarray, path: Path,
             ax.axvline(b - 0.5, color="k", lw=0.3)
     fig.colorbar(im, ax=ax, label="Pearson ρ")
     ax.set_title(title or f"Correlation of {s} alive subcomponents, ordered by cluster")
-    ax.set_xlabel("subcomponent (by cluster)")
-    ax.set_ylabel("subcomponent (by cluster)")
+    if labels is not None and s <= 60:
+        ax.set_xticks(range(s), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(s), labels, fontsize=6)
+    else:
+        ax.set_xlabel("subcomponent (by cluster)")
+        ax.set_ylabel("subcomponent (by cluster)")
     return _save(fig, path)
 
 

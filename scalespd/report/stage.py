@@ -26,6 +26,7 @@ from scalespd.report.stats import (
     cluster_table,
     correlation_stats,
     edge_stats,
+    group_members,
     pearson,
 )
 
@@ -156,7 +157,8 @@ def build_report(
             "n_rows_used": int(X.shape[0]),
         }
         figures.append(_fig(plots.correlation_heatmap(
-            corr, art.clusters[sample], out_dir / "correlation.png"),
+            corr, art.clusters[sample], out_dir / "correlation.png",
+            labels=[f"{names[j]} (c{art.clusters[j]})" for j in sample]),
             "Pearson correlation of activation profiles, alive subcomponents ordered by cluster"
             + ("" if len(sample) == len(art.alive_ids)
                else f" (the {len(sample)} members of the largest clusters)")))
@@ -270,17 +272,17 @@ def heatmap_sample(clusters: np.ndarray, cap: int) -> np.ndarray:
     left.
     clusters: (n,). Returns (s,) with s <= cap."""
     clusters = np.asarray(clusters)
-    ids, sizes = np.unique(clusters[clusters >= 0], return_counts=True)
+    groups = group_members(clusters)
     picked: list[np.ndarray] = []
     total = 0
-    for cid, size in zip(ids[np.lexsort((ids, -sizes))], sizes[np.lexsort((ids, -sizes))],
-                         strict=True):
+    for cid in sorted(groups, key=lambda c: (-groups[c].size, c)):
+        size = groups[cid].size
         if total + size > cap:
             if total == 0:  # the largest cluster alone exceeds the cap: show part of it
-                picked.append(np.flatnonzero(clusters == cid)[:cap])
+                picked.append(groups[cid][:cap])
                 total = cap
             continue  # a smaller cluster may still fit
-        picked.append(np.flatnonzero(clusters == cid))
+        picked.append(groups[cid])
         total += size
     if total < cap:
         picked.append(np.flatnonzero(clusters < 0)[: cap - total])

@@ -45,6 +45,16 @@ def composition_label(module_types: set[str]) -> str:
     return "+".join(sorted(cats))
 
 
+def group_members(clusters: np.ndarray) -> dict[int, np.ndarray]:
+    """cluster id -> ascending node indices, for every id >= 0, in O(n log n) (no per-cluster
+    scan of all n nodes). clusters: (n,)."""
+    clusters = np.asarray(clusters)
+    idx = np.flatnonzero(clusters >= 0)
+    order = idx[np.argsort(clusters[idx], kind="stable")]
+    ids, starts = np.unique(clusters[order], return_index=True)
+    return {int(c): part for c, part in zip(ids, np.split(order, starts[1:]), strict=True)}
+
+
 def cluster_table(
     clusters: np.ndarray,
     layers: np.ndarray,
@@ -56,11 +66,10 @@ def cluster_table(
     types with counts, composition label, member names. Nodes with cluster -1 are left out.
 
     All inputs: (n,) arrays over the alive nodes."""
-    clusters = np.asarray(clusters)
+    groups = group_members(clusters)
     rows = []
-    ids, sizes = np.unique(clusters[clusters >= 0], return_counts=True)
-    for cid in ids[np.lexsort((ids, -sizes))]:
-        idx = np.flatnonzero(clusters == cid)
+    for cid in sorted(groups, key=lambda c: (-groups[c].size, c)):
+        idx = groups[cid]
         mt = Counter(str(t) for t in module_types[idx])
         rows.append({
             "cluster": int(cid),
