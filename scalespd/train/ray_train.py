@@ -264,9 +264,12 @@ def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | N
 
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:
-    """Step of the newest checkpoint directory on disk (for logs and tests), None if none."""
-    root = checkpoint_root(run_dir)
-    steps = [int(p.name.split("_")[-1]) for p in root.glob("checkpoint_*")
-             if p.is_dir() and p.name.split("_")[-1].isdigit()]
+    """Step of the newest checkpoint Ray Train has committed for this run (what a restart
+    resumes from), None if there is none. Reads Ray's checkpoint-manager snapshot."""
+    snap = checkpoint_root(run_dir) / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snap.read_text())["checkpoint_results"]
+        steps = [int(r["checkpoint_dir_name"].rsplit("_", 1)[-1]) for r in results]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     return max(steps, default=None)
-
