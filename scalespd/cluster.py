@@ -247,6 +247,10 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     gcfg, scfg = _configs(args)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as err:
+        raise InputError(f"--device: {err}") from None
     X = open_matrix(args.profiles)
     M, N = (int(s) for s in X.shape)
     meta = read_metadata(args.components, N)
@@ -269,7 +273,6 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
             from scalespd.raytools import ensure_ray  # noqa: PLC0415
 
             ensure_ray()
-        device = resolve_device(args.device)
 
         t1 = time.perf_counter()
         graph = build_graph(X, gcfg, columns=alive, device=device, use_ray=use_ray)

@@ -14,6 +14,7 @@ import pytest
 import zarr
 from sklearn.metrics import adjusted_rand_score
 
+from scalespd.backend import cupy_gpu_available
 from scalespd.cluster import main
 from scalespd.spectral.clustering import CLUSTER_COLUMNS
 from scalespd.spectral.synthetic import planted_profiles
@@ -161,6 +162,8 @@ def test_bad_flags_and_existing_output(planted, tmp_path, capsys):
     _refused([d / "X.npy", "--out", out, "--k-max", 0], capsys, "--k-max")
     _refused([d / "X.npy", "--out", out, "--edge-threshold", "high"], capsys, "--edge-threshold")
     _refused([d / "X.npy", "--out", out, "--tau", 1.5], capsys, "--tau")
+    if not cupy_gpu_available():
+        _refused([d / "X.npy", "--out", out, "--device", "cuda"], capsys, "--device", "CuPy")
     _no_output(out)
     out.mkdir()
     (out / "keep.txt").write_text("precious")
