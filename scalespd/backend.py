@@ -121,9 +121,13 @@ def kmeans(
         # pools: ~5-20 ms) would dominate thousands of them, the batched NumPy version ~1 ms.
         return kmeans_xp(X, n_clusters, n_init=n_init, seed=seed, xp=np, max_iter=max_iter)[0]
     from sklearn.cluster import KMeans  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed, max_iter=max_iter)
-    return km.fit_predict(X).astype(np.int64)
+    # scikit-learn's OpenMP Lloyd loop spins badly when cores are shared (measured 40x slower
+    # than one thread for 4,000 x 12 on a busy 2-core machine); one thread below 50k rows.
+    with threadpool_limits(limits=1 if X.shape[0] < 50_000 else None):
+        return km.fit_predict(X).astype(np.int64)
 
 
 # Below this many rows the CPU k-means uses `kmeans_xp` on NumPy, above it scikit-learn.
@@ -155,11 +159,18 @@ def kmeans_xp(
     tol_abs = tol * float(X.var(axis=0).mean())
     C = _kmeanspp_batched(X, sq, k, n_init, rng, xp)  # (I, k, d)
     ar = xp.arange(k)
+    prev = None
     for _ in range(max_iter):
         labels = _sq_dists(X, sq, C, xp).argmin(axis=2)  # (I, n)
+        if prev is not None and bool((labels == prev).all()):
+            break  # no assignment changed: every restart has converged
+        prev = labels
         onehot = (labels[:, :, None] == ar[None, None, :]).astype(X.dtype)  # (I, n, k)
         counts = onehot.sum(axis=1)  # (I, k)
-        sums = xp.matmul(onehot.transpose(0, 2, 1), X)  # (I, k, d)
+        # One GEMM for all restarts: (I·k, n) @ (n, d); a broadcast batched matmul would take
+        # NumPy's slow non-BLAS path.
+        I = onehot.shape[0]
+        sums = (onehot.transpose(0, 2, 1).reshape(I * k, n) @ X).reshape(I, k, X.shape[1])
         # An emptied cluster keeps its old centre rather than becoming NaN.
         new = xp.where(counts[:, :, None] > 0, sums / xp.maximum(counts, 1)[:, :, None], C)
         shift = float(((new - C) ** 2).sum(axis=(1, 2)).max())
@@ -175,7 +186,8 @@ def kmeans_xp(
 
 def _sq_dists(X: Any, sq: Any, C: Any, xp: ModuleType) -> Any:
     """Squared distances (I, n, k) between rows of X (n, d) and centres C (I, k, d)."""
-    cross = xp.matmul(X[None, :, :], C.transpose(0, 2, 1))  # (I, n, k)
+    I, k, d = C.shape
+    cross = (X @ C.reshape(I * k, d).T).reshape(X.shape[0], I, k).transpose(1, 0, 2)  # (I, n, k)
     return sq[None, :, None] - 2.0 * cross + (C * C).sum(axis=2)[:, None, :]
 
 
