@@ -139,6 +139,8 @@ class BlockResult:
     start: int
     stop: int
     seconds: float
+    seconds_compute: float  # inputs + CI forward + statistics
+    seconds_write: float  # zarr writes (compression included) + completion record
     nbytes: int  # uncompressed bytes of CI written
     peak_rss: int  # bytes, of the process that ran the block
     pid: int  # process that ran the block
@@ -164,8 +166,8 @@ def compute_block_ci(
     with torch.inference_mode():
         for s in range(0, x.shape[0], batch_rows):
             xb = x[s : s + batch_rows].to(device)
+            rows = out[s : s + xb.shape[0]]
             ci = model.causal_importances(xb)
-            cols = []
             for m in modules:
                 g = ci.get(m["module"])
                 if g is None:
@@ -176,19 +178,20 @@ def compute_block_ci(
                         f"causal_importances[{m['module']!r}] has shape {tuple(g.shape)}, "
                         f"expected ({xb.shape[0]}, {m['C']}) (batch, C)"
                     )
-                cols.append(g)
-            g_all = torch.cat(cols, dim=1)
-            bad = ~((g_all >= 0) & (g_all <= 1))  # also catches NaN
-            if bool(bad.any()):
-                j = int(bad.any(dim=0).nonzero()[0, 0])
-                name = next(f"{m['module']}:{j - m['offset']}" for m in modules
-                            if m["offset"] <= j < m["offset"] + m["C"])
-                raise ProfilesError(f"causal importance of {name} is outside [0, 1] (or NaN): "
-                                    f"{float(g_all[:, j][bad[:, j]][0])}")
-            vals = g_all.to(tdtype).cpu().numpy()
-            out[s : s + vals.shape[0]] = vals
-            stats = stats.merge(ColumnStats.of(vals, tau))
+                lo, hi = torch.aminmax(g)  # NaN propagates into both
+                if not (bool(lo >= 0) and bool(hi <= 1)):
+                    _raise_out_of_range(g, m)
+                # One copy, straight into the block buffer (no concatenation).
+                rows[:, m["offset"] : m["offset"] + m["C"]] = g.to(tdtype).cpu().numpy()
+            stats = stats.merge(ColumnStats.of(rows, tau))
     return out, stats
+
+
+def _raise_out_of_range(g: torch.Tensor, m: dict[str, Any]) -> None:
+    bad = ~((g >= 0) & (g <= 1))  # also catches NaN
+    i, c = (int(v) for v in bad.nonzero()[0])
+    raise ProfilesError(f"causal importance of {m['module']}:{c} is outside [0, 1] (or NaN) "
+                        f"on row {i} of a batch: {float(g[i, c])}")
 
 
 def run_block(
@@ -204,6 +207,7 @@ def run_block(
                             f"{stop - start} (rows [{start}, {stop}))")
     vals, stats = compute_block_ci(model, x, modules, cfg.batch_rows, device,
                                    np.dtype(cfg.dtype), cfg.tau)
+    t1 = time.perf_counter()
     ci[start:stop, :] = vals
     if inputs is not None:
         for name, v in source.row_metadata(b, start, stop, x).items():
@@ -212,7 +216,8 @@ def run_block(
         "block": np.asarray(b), "start": np.asarray(start), "stop": np.asarray(stop),
         **stats.to_arrays(),
     })
-    return BlockResult(b, start, stop, time.perf_counter() - t0, vals.nbytes, _peak_rss_bytes(),
+    t2 = time.perf_counter()
+    return BlockResult(b, start, stop, t2 - t0, t1 - t0, t2 - t1, vals.nbytes, _peak_rss_bytes(),
                        os.getpid())
 
 
@@ -235,7 +240,8 @@ class _HarvestWorker:
         self.out_dir, self.cfg, self.device = Path(out_dir), cfg, device
         self.ci = zarr.open_array(str(self.out_dir / CI_FILE), mode="r+")
         fields = source.row_fields()
-        self.inputs = zarr.open_group(str(self.out_dir / INPUTS_FILE), mode="r+") if fields else None
+        self.inputs = (zarr.open_group(str(self.out_dir / INPUTS_FILE), mode="r+")
+                       if fields else None)
 
     def run(self, b: int) -> BlockResult:
         return run_block(b, self.model, self.source, self.layout, self.modules, self.ci,

@@ -41,25 +41,27 @@ class ColumnStats:
         )
 
     @classmethod
-    def of(cls, x: np.ndarray, tau: float) -> ColumnStats:
-        """Stats of a (rows, N) block (any float dtype; accumulated in float64, two-pass)."""
+    def of(cls, x: np.ndarray, tau: float, slab: int = 256) -> ColumnStats:
+        """Stats of a (rows, N) block (any float dtype; accumulated in float64, two-pass).
+
+        Works on slabs of `slab` columns so the float64 copy stays small and cache-friendly.
+        "Active" compares the stored value with tau in float64."""
         if x.ndim != 2:
             raise ValueError(f"expected a 2-D (rows, N) block, got shape {x.shape}")
-        n = x.shape[0]
+        n, n_cols = x.shape
         if n == 0:
-            return cls.empty(x.shape[1], tau)
-        x64 = x.astype(np.float64, copy=False)
-        mean = x64.mean(axis=0)
-        dev = x64 - mean
-        m2 = np.einsum("ij,ij->j", dev, dev)
-        return cls(
-            n=n,
-            mean=mean,
-            m2=m2,
-            max=x64.max(axis=0),
-            n_active=np.count_nonzero(x > tau, axis=0).astype(np.int64),
-            tau=tau,
-        )
+            return cls.empty(n_cols, tau)
+        mean, m2 = np.empty(n_cols), np.empty(n_cols)
+        n_active = np.empty(n_cols, dtype=np.int64)
+        for j in range(0, n_cols, slab):
+            x64 = x[:, j : j + slab].astype(np.float64)
+            mu = x64.mean(axis=0)
+            n_active[j : j + slab] = np.count_nonzero(x64 > tau, axis=0)
+            x64 -= mu
+            mean[j : j + slab] = mu
+            m2[j : j + slab] = np.einsum("ij,ij->j", x64, x64)
+        return cls(n=n, mean=mean, m2=m2, max=x.max(axis=0).astype(np.float64),
+                   n_active=n_active, tau=tau)
 
     @property
     def n_cols(self) -> int:

@@ -269,7 +269,8 @@ def finished_blocks(blocks_dir: Path, layout: BlockLayout) -> set[int]:
         except Exception as err:
             raise ProfilesError(f"completion record {p} is unreadable ({err}); delete it to "
                                 f"recompute that block") from None
-        if b >= layout.n_blocks or (start, stop) != layout.block_range(b) or n_cols != layout.n_cols:
+        fits = b < layout.n_blocks and (start, stop) == layout.block_range(b)
+        if not fits or n_cols != layout.n_cols:
             raise ProfilesError(
                 f"completion record {p} (rows [{start}, {stop}), {n_cols} columns) does not fit "
                 f"this harvest's layout ({layout.n_blocks} blocks of {layout.block_rows} rows, "

@@ -40,7 +40,8 @@ class SyntheticCIModel(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.module_paths = [p for p, _ in sizes]
         self.C = {p: c for p, c in sizes}
-        self.module_info = [SyntheticModuleInfo(p, i, "synthetic") for i, (p, _) in enumerate(sizes)]
+        self.module_info = [SyntheticModuleInfo(p, i, "synthetic")
+                            for i, (p, _) in enumerate(sizes)]
         n = sum(c for _, c in sizes)
         w = torch.randn(n, in_dim, generator=gen) * (scale / in_dim**0.5)
         b = torch.full((n,), bias) + 0.2 * torch.randn(n, generator=gen)
@@ -55,4 +56,5 @@ class SyntheticCIModel(nn.Module):
     def causal_importances(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, in_dim) -> {path: (B, C) in [0, 1]}."""
         g = torch.clamp(torch.addmm(self.bias, x, self.weight.T), 0.0, 1.0)
-        return dict(zip(self.module_paths, torch.split(g, list(self.C.values()), dim=1), strict=True))
+        parts = torch.split(g, list(self.C.values()), dim=1)
+        return dict(zip(self.module_paths, parts, strict=True))

@@ -72,7 +72,7 @@ def test_zarr_equals_direct_ci_and_stats_equal_numpy(tmp_path: Path, dtype: str)
     np.testing.assert_array_equal(df["max"], g64.max(axis=0))
     np.testing.assert_allclose(df["mean"], g64.mean(axis=0), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(df["std"], g64.std(axis=0, ddof=0), rtol=1e-9, atol=1e-13)
-    np.testing.assert_array_equal(df["frac_active"], (got > cfg.tau).mean(axis=0))
+    np.testing.assert_array_equal(df["frac_active"], (g64 > cfg.tau).mean(axis=0))
     np.testing.assert_array_equal(df["alive"], g64.max(axis=0) > cfg.tau)
     assert not df["alive"][DEAD[0]] and df["alive"][ALWAYS_ON[0]]
     assert df["frac_active"][ALWAYS_ON[0]] == 1.0 and df["std"][ALWAYS_ON[0]] == 0.0

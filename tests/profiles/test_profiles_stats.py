@@ -24,14 +24,15 @@ def test_merged_block_stats_equal_numpy(dtype: str) -> None:
     x = _matrix(rng, 1013, 9, dtype)
     tau = 0.1
     cuts = [0, 1, 200, 201, 640, 1013]  # uneven blocks, including a single-row one
-    parts = [ColumnStats.of(x[a:b], tau) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    # slab=4 so that the column slabs (4, 4, 1 columns) are exercised too.
+    parts = [ColumnStats.of(x[a:b], tau, slab=4) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     s = merge_all(parts, x.shape[1], tau)
     x64 = x.astype(np.float64)
     assert s.n == x.shape[0]
     np.testing.assert_array_equal(s.max, x64.max(axis=0))
     np.testing.assert_allclose(s.mean, x64.mean(axis=0), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(s.std, x64.std(axis=0, ddof=0), rtol=1e-9, atol=1e-13)
-    np.testing.assert_array_equal(s.frac_active, (x > tau).mean(axis=0))
+    np.testing.assert_array_equal(s.frac_active, (x64 > tau).mean(axis=0))
     assert s.std[0] == 0.0 and s.std[1] == 0.0 and s.max[0] == 0.0
 
 

@@ -1,0 +1,77 @@
+"""The profiles stage on a run directory holding a (untrained) decomposition: it harvests what
+load_decomposition gives, resumes, and refuses a checkpoint that does not match the config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from profiles_testlib import snapshot
+
+from scalespd.config import DecomposeConfig, ModuleSpec, ProfilesConfig, RunConfig, TMSTargetConfig
+from scalespd.profiles import ProfilesError, open_profiles, read_components
+from scalespd.profiles import stage as profiles_stage
+from scalespd.profiles.sources import block_generator
+from scalespd.targets import build_target, make_dataset, module_info, module_paths, save_target
+from scalespd.train import load_decomposition
+from scalespd.train.components import ComponentModel, match_modules
+from scalespd.train.io import META_FILE, MODEL_FILE, final_dir, model_state
+
+TARGET = TMSTargetConfig(n_features=5, n_hidden=2)
+# TMS weights are tied, so linear1 and linear2 need the same C.
+DECOMPOSE = DecomposeConfig(modules=[ModuleSpec(pattern="linear1", C=6),
+                                     ModuleSpec(pattern="linear2", C=6)])
+PROFILES = ProfilesConfig(n_samples=300, chunk_rows=64, block_rows=128, seed=4,
+                          executor="local", device="cpu")
+
+
+def _write_run_dir(run_dir: Path, decompose: DecomposeConfig) -> None:
+    """A run directory as the target and decompose stages leave it (files per train/io.py)."""
+    target = build_target(TARGET)
+    save_target(target, TARGET, run_dir / "target")
+    specs = [(m.pattern, m.C) for m in decompose.modules]
+    model = ComponentModel(target, match_modules(specs, module_paths(TARGET)),
+                           module_info(TARGET), decompose,
+                           generator=torch.Generator().manual_seed(0))
+    final = final_dir(run_dir)
+    final.mkdir(parents=True)
+    torch.save(model_state(model), final / MODEL_FILE)
+    (final / META_FILE).write_text(json.dumps({
+        "target": TARGET.model_dump(mode="json"),
+        "decompose": decompose.model_dump(mode="json"),
+    }))
+
+
+def test_stage_harvests_the_run_decomposition_and_resumes(tmp_path: Path) -> None:
+    _write_run_dir(tmp_path, DECOMPOSE)
+    cfg = RunConfig(target=TARGET, decompose=DECOMPOSE, profiles=PROFILES)
+    info = profiles_stage.run(cfg, tmp_path)
+    assert info["shape"] == [300, 12] and info["n_computed"] == 3
+    json.dumps(info)  # goes into the manifest
+
+    model = load_decomposition(tmp_path)
+    data = make_dataset(TARGET)
+    x = torch.cat([data.sample(n, block_generator(4, b)) for b, n in enumerate([128, 128, 44])])
+    ci = model.causal_importances(x)
+    want = torch.cat([ci["linear1"], ci["linear2"]], dim=1).numpy()
+    np.testing.assert_allclose(open_profiles(tmp_path / "profiles")[:], want, rtol=0, atol=1e-6)
+    df = read_components(tmp_path / "profiles")
+    assert list(df["name"][:2]) == ["linear1:0", "linear1:1"] and df["name"][11] == "linear2:5"
+
+    before = snapshot(tmp_path / "profiles" / "ci.zarr")
+    assert profiles_stage.run(cfg, tmp_path)["n_computed"] == 0
+    assert snapshot(tmp_path / "profiles" / "ci.zarr") == before
+
+
+def test_stage_refuses_checkpoint_that_does_not_match_config(tmp_path: Path) -> None:
+    _write_run_dir(tmp_path, DECOMPOSE)
+    other = DecomposeConfig(modules=[ModuleSpec(pattern="linear*", C=7)])
+    cfg = RunConfig(target=TARGET, decompose=other, profiles=PROFILES)
+    msg = r"linear1: checkpoint C=6, config C=7\n  linear2: checkpoint C=6, config C=7"
+    with pytest.raises(ProfilesError, match=msg) as err:
+        profiles_stage.run(cfg, tmp_path)
+    assert str(tmp_path / "decompose") in str(err.value)
+    assert not (tmp_path / "profiles").exists()
