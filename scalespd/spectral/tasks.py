@@ -157,7 +157,8 @@ def cluster_graph_detailed(
     t_prep = time.perf_counter()
 
     results: list[PieceResult | None] = [None] * len(solve)
-    if use_ray:
+    # A single task gains nothing from Ray but pays for a worker process (~1 s cold).
+    if use_ray and len(tasks) > 1:
         remote = _ray_solve()
         refs = []
         for t in tasks:
