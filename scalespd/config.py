@@ -245,7 +245,8 @@ class ProfilesConfig(Cfg):
     # Where the CI forward runs: "auto" picks CUDA when torch sees a GPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # "ray": blocks run on Ray actors that keep the model loaded; "local": in this process;
-    # "auto": Ray when it is already initialised or more than one block is left to do.
+    # "auto": Ray when more than one block and >= 2**26 CI values are left to compute (actor
+    # start-up costs seconds that toy-sized harvests do not repay), else local.
     executor: Literal["auto", "ray", "local"] = "auto"
     # zstd level of ci.zarr (higher: smaller, slower writes; ~3 is the usual sweet spot).
     compression_level: Annotated[int, Field(ge=1, le=22)] = 3

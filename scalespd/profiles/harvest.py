@@ -328,17 +328,18 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _resolve_executor(executor: str, n_todo: int, cfg: ProfilesConfig) -> str:
+# "auto" uses Ray only for at least this many CI values still to compute: starting actors
+# costs seconds, which small (toy) harvests do not repay.
+AUTO_RAY_MIN_VALUES = 1 << 26
+
+
+def _resolve_executor(executor: str, todo: list[int], layout: BlockLayout,
+                      cfg: ProfilesConfig) -> str:
     if executor != "auto":
         return executor
-    try:
-        import ray  # noqa: PLC0415
-
-        if ray.is_initialized():
-            return "ray"
-    except ImportError:
-        return "local"
-    return "ray" if n_todo > 1 and cfg.max_concurrency != 1 else "local"
+    rows = sum(b - a for a, b in map(layout.block_range, todo))
+    big = rows * layout.n_cols >= AUTO_RAY_MIN_VALUES
+    return "ray" if len(todo) > 1 and big and cfg.max_concurrency != 1 else "local"
 
 
 def harvest(
@@ -396,7 +397,7 @@ def harvest(
     blocks_dir.mkdir(exist_ok=True)
 
     todo = [b for b in range(layout.n_blocks) if b not in done]
-    executor = _resolve_executor(cfg.executor, len(todo), cfg) if todo else "none"
+    executor = _resolve_executor(cfg.executor, todo, layout, cfg) if todo else "none"
     log.info("profiles: (%d, %d) %s, %d blocks of %d rows, %d done, %d to do (%s)",
              layout.n_rows, n_cols, cfg.dtype, layout.n_blocks, layout.block_rows, len(done),
              len(todo), executor)

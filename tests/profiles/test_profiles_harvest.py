@@ -179,3 +179,15 @@ def test_row_source_without_fields_writes_no_inputs(tmp_path: Path) -> None:
     harvest(tiny_model(), RandomRowSource(50, 6, save_inputs=False), tmp_path / "p", small_cfg())
     assert not (tmp_path / "p" / "inputs.zarr").exists()
     assert isinstance(read_components(tmp_path / "p"), pd.DataFrame)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_matches_cpu(tmp_path: Path) -> None:
+    """The same harvest with the forward on CUDA (the CPU path is tested above)."""
+    src = RandomRowSource(300, 6, seed=4, p=0.5)
+    harvest(tiny_model(), src, tmp_path / "cpu", small_cfg())
+    res = harvest(tiny_model(), src, tmp_path / "gpu", small_cfg(device="cuda"))
+    assert res.device == "cuda"
+    np.testing.assert_allclose(open_profiles(tmp_path / "gpu")[:],
+                               open_profiles(tmp_path / "cpu")[:], rtol=0, atol=1e-5)

@@ -92,3 +92,17 @@ def test_local_interrupt_then_ray_resume(tmp_path: Path, ray_local) -> None:
     harvest(model, src, tmp_path / "full", small_cfg())
     a, b = snapshot(tmp_path / "p" / "ci.zarr"), snapshot(tmp_path / "full" / "ci.zarr")
     assert a == b
+
+
+def test_auto_executor_uses_ray_only_for_big_harvests() -> None:
+    from scalespd.profiles.harvest import AUTO_RAY_MIN_VALUES, _resolve_executor
+
+    cfg = small_cfg(executor="auto")
+    small = BlockLayout.make(1000, 16, 32, 6, 64, 4)
+    assert _resolve_executor("auto", list(range(small.n_blocks)), small, cfg) == "local"
+    big = BlockLayout.make(AUTO_RAY_MIN_VALUES // 1000 + 64, 1000, 64, 256, 64, 4)
+    assert _resolve_executor("auto", list(range(big.n_blocks)), big, cfg) == "ray"
+    assert _resolve_executor("auto", [0], big, cfg) == "local"  # one block: nothing to share
+    assert _resolve_executor("auto", list(range(big.n_blocks)), big,
+                             small_cfg(executor="auto", max_concurrency=1)) == "local"
+    assert _resolve_executor("ray", [0], small, cfg) == "ray"
