@@ -177,6 +177,15 @@ def write_profiles(path: Path, m: int, n: int) -> None:
         Z[:, c0:c1] = X[:, : c1 - c0]
 
 
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process image (VmHWM). Unlike getrusage's ru_maxrss, it is not
+    inherited from the parent across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(path: str) -> None:
     """Runs in a fresh process: build the graph of a zarr profile matrix, print a JSON line."""
     import zarr
@@ -184,15 +193,17 @@ def child(path: str) -> None:
     from scalespd.config import GraphConfig
     from scalespd.graph import build_graph
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss_bytes()
     Z = zarr.open_array(path, mode="r")
     t = time.perf_counter()
     res = build_graph(Z, GraphConfig(k=10), device="cpu")
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     s = res.summary
     print(json.dumps({
-        "seconds": dt, "peak_rss_bytes": peak, "rss_after_imports_bytes": base_rss,
+        "seconds": dt, "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": peak,
+        "rss_after_imports_bytes": base_rss,
         "timings": s["timings"], "threshold": s["threshold"], "n_edges": s["n_edges"],
         "n_components": s["n_components"], "largest_components": s["largest_components"][:3],
     }))
@@ -212,6 +223,7 @@ def scaling(sizes: list[int], m: int) -> list[dict]:
                        dense_nxn_float32_bytes=4 * n * n,
                        topk_state_bytes=n * 10 * 12)
             rec["peak_rss_gb"] = round(rec["peak_rss_bytes"] / 2**30, 3)
+            rec["load_average_1min"] = os.getloadavg()[0]
             print(f"  N={n}: {rec['seconds']:.1f} s, peak RSS {rec['peak_rss_gb']:.2f} GB "
                   f"(dense N×N would be {4 * n * n / 2**30:.1f} GB)", flush=True)
             rows.append(rec)
@@ -220,6 +232,8 @@ def scaling(sizes: list[int], m: int) -> list[dict]:
     for a, b in zip(rows, rows[1:]):
         r = math.log(b["N"] / a["N"])
         b["time_exponent_vs_prev"] = round(math.log(b["seconds"] / a["seconds"]) / r, 2)
+        b["cpu_time_exponent_vs_prev"] = round(
+            math.log(b["cpu_seconds"] / a["cpu_seconds"]) / r, 2)
         b["topk_time_exponent_vs_prev"] = round(
             math.log(b["timings"]["topk_s"] / a["timings"]["topk_s"]) / r, 2)
     return rows
@@ -243,6 +257,7 @@ def main() -> None:
     print(f"throughput: M={args.rows}, N={tp_n}", flush=True)
     result = {
         "machine": machine(),
+        "load_average_at_start": os.getloadavg(),
         "gpu": "no GPU available in this session; the CuPy path was not benchmarked",
         "throughput": throughput(args.rows, tp_n, 4096 if not args.quick else 1024, args.ray,
                                  rounds=1 if args.quick else 3),

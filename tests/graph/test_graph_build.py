@@ -204,6 +204,10 @@ def test_ray_tasks_equal_in_process(ray_local, tmp_path) -> None:
     assert len(range(0, X.shape[1], 64)) >= 5
     _assert_same_result(build_graph(X, cfg, use_ray=True), local)
     _assert_same_result(build_graph(Z, cfg, use_ray=True), local)
+    # Errors inside tasks reach the caller as the same ValueError.
+    X[5, 77] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf.*\[77\]"):
+        build_graph(X, cfg, use_ray=True)
 
 
 def test_ray_path_requires_ray_initialised(monkeypatch) -> None:

@@ -103,3 +103,24 @@ def test_planted_mechanisms_separate_with_auto_and_merge_with_paper_settings() -
     assert np.mean(truth[coo.row] != truth[coo.col]) > 0.1
     assert paper.summary["largest_components"][0] > 0.5 * X.shape[1]
     assert adjusted_rand_score(truth, paper.labels) < 0.05
+
+
+def test_binned_bennett_sum_is_conservative() -> None:
+    """The histogram of max|z| rounds each column up, so the binned threshold is at least the
+    one from the exact sum over all pairs (and close to it); equal max|z| values work too."""
+    from scipy.optimize import brentq
+
+    from scalespd.graph.threshold import _h
+
+    rng = np.random.default_rng(0)
+    d = np.exp(rng.uniform(0, 3, size=300))
+    m, alpha = 2000, 0.01
+    beta = np.outer(d, d)[np.triu_indices(d.size, 1)]
+
+    def excess(t: float) -> float:
+        return float(np.sum(np.exp(-(m / beta**2) * _h(beta * t)))) - alpha
+
+    exact = brentq(excess, 1e-6, 1.0)
+    binned = bennett_bound(d, m, alpha)
+    assert exact <= binned <= exact * 1.05
+    assert 0 < bennett_bound(np.full(50, 3.0), m, alpha) < 1
