@@ -18,7 +18,8 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -195,11 +196,24 @@ def _raise_out_of_range(rows: np.ndarray, modules: list[dict[str, Any]]) -> None
                         f"[0, 1] (or NaN) on row {i} of a batch: {float(rows[i, j])}")
 
 
-def run_block(
+@dataclass
+class ComputedBlock:
+    """A block's values and stats, computed but not yet written."""
+
+    block: int
+    start: int
+    stop: int
+    x: torch.Tensor  # the block's inputs (for the row metadata)
+    vals: np.ndarray  # (stop - start, N)
+    stats: ColumnStats
+    seconds_compute: float
+
+
+def compute_block(
     b: int, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict[str, Any]],
-    ci: zarr.Array, inputs: zarr.Group | None, blocks_dir: Path, cfg: ProfilesConfig, device: str,
-) -> BlockResult:
-    """Compute block b, write its rows, then (and only then) its completion record."""
+    cfg: ProfilesConfig, device: str,
+) -> ComputedBlock:
+    """Inputs of block b from (seed, b), then its CI values and stats."""
     t0 = time.perf_counter()
     start, stop = layout.block_range(b)
     x = source.block_inputs(b, start, stop)
@@ -208,18 +222,54 @@ def run_block(
                             f"{stop - start} (rows [{start}, {stop}))")
     vals, stats = compute_block_ci(model, x, modules, cfg.batch_rows, device,
                                    np.dtype(cfg.dtype), cfg.tau)
-    t1 = time.perf_counter()
-    ci[start:stop, :] = vals
+    return ComputedBlock(b, start, stop, x, vals, stats, time.perf_counter() - t0)
+
+
+def write_block(
+    c: ComputedBlock, source: RowSource, ci: zarr.Array, inputs: zarr.Group | None,
+    blocks_dir: Path,
+) -> BlockResult:
+    """Write the block's rows (all N columns: whole chunks), then, and only then, its
+    completion record."""
+    t0 = time.perf_counter()
+    ci[c.start : c.stop, :] = c.vals
     if inputs is not None:
-        for name, v in source.row_metadata(b, start, stop, x).items():
-            inputs[name][start:stop] = v
-    atomic_write_npz(block_record_path(blocks_dir, b), {
-        "block": np.asarray(b), "start": np.asarray(start), "stop": np.asarray(stop),
-        **stats.to_arrays(),
+        for name, v in source.row_metadata(c.block, c.start, c.stop, c.x).items():
+            inputs[name][c.start : c.stop] = v
+    atomic_write_npz(block_record_path(blocks_dir, c.block), {
+        "block": np.asarray(c.block), "start": np.asarray(c.start), "stop": np.asarray(c.stop),
+        **c.stats.to_arrays(),
     })
-    t2 = time.perf_counter()
-    return BlockResult(b, start, stop, t2 - t0, t1 - t0, t2 - t1, vals.nbytes, _peak_rss_bytes(),
-                       os.getpid())
+    t_write = time.perf_counter() - t0
+    return BlockResult(c.block, c.start, c.stop, c.seconds_compute + t_write, c.seconds_compute,
+                       t_write, c.vals.nbytes, _peak_rss_bytes(), os.getpid())
+
+
+def run_block(
+    b: int, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict[str, Any]],
+    ci: zarr.Array, inputs: zarr.Group | None, blocks_dir: Path, cfg: ProfilesConfig, device: str,
+) -> BlockResult:
+    """Compute block b and write it."""
+    return write_block(compute_block(b, model, source, layout, modules, cfg, device), source, ci,
+                       inputs, blocks_dir)
+
+
+def _run_local(
+    todo: list[int], model: CIModel, source: RowSource, layout: BlockLayout,
+    modules: list[dict[str, Any]], ci: zarr.Array, inputs: zarr.Group | None, blocks_dir: Path,
+    cfg: ProfilesConfig, device: str,
+) -> Iterator[BlockResult]:
+    """Blocks in this process; block b is written (compressed) by a background thread while
+    block b+1 is computed, so at most two blocks are in memory. Results come in block order."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles-writer") as pool:
+        pending: Future[BlockResult] | None = None
+        for b in todo:
+            c = compute_block(b, model, source, layout, modules, cfg, device)
+            if pending is not None:
+                yield pending.result()
+            pending = pool.submit(write_block, c, source, ci, inputs, blocks_dir)
+        if pending is not None:
+            yield pending.result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +302,7 @@ class _HarvestWorker:
 def _run_on_ray(
     todo: list[int], model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict],
     out_dir: Path, cfg: ProfilesConfig, device: str, ray_cfg: RayConfig | None,
-) -> Any:
+) -> Iterator[BlockResult]:
     """Yield BlockResults as Ray actors finish blocks (at most one block in flight per actor)."""
     import ray  # noqa: PLC0415
     from ray.util import ActorPool  # noqa: PLC0415
@@ -409,8 +459,8 @@ def harvest(
         results_iter = _run_on_ray(todo, model, source, layout, modules, out_dir, cfg, device,
                                    ray_cfg)
     else:
-        results_iter = (run_block(b, model, source, layout, modules, ci, inputs, blocks_dir, cfg,
-                                  device) for b in todo)
+        results_iter = _run_local(todo, model, source, layout, modules, ci, inputs, blocks_dir,
+                                  cfg, device)
     results: list[BlockResult] = []
     tty = sys.stderr.isatty()
     with tqdm(total=len(todo), desc="profiles blocks", unit="block", disable=not tty) as bar:

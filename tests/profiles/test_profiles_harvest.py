@@ -113,8 +113,11 @@ def test_interrupted_harvest_resumes_bit_identical(tmp_path: Path, dtype: str) -
     assert not (tmp_path / "resumed" / "harvest.json").exists()
     with pytest.raises(ProfilesError, match="unfinished"):
         open_profiles(tmp_path / "resumed")
+    # 3 blocks reported; the one being written in the background at that moment may finish too.
+    n_done = len(list((tmp_path / "resumed" / "blocks").glob("block_*.npz")))
+    assert n_done in (3, 4)
     res = harvest(model, src, tmp_path / "resumed", cfg)
-    assert res.n_computed == 7 - 3
+    assert res.n_computed == 7 - n_done
 
     full, resumed = snapshot(tmp_path / "full"), snapshot(tmp_path / "resumed")
     full.pop("harvest.json"), resumed.pop("harvest.json")  # holds timings
