@@ -1,0 +1,99 @@
+"""`python -m scalespd.run` as a user meets it: bad configs stop with exit code 2 and a message
+naming the problem before any work starts, an existing run directory is never overwritten
+with a different config unless forced, and `--stages` selects stages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scalespd import run as runmod
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TARGET = {"kind": "tms", "n_features": 5, "n_hidden": 2,
+               "train": {"steps": 200, "batch_size": 256, "schedule": {"lr": 0.005}}}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = runmod.main(argv)
+    return rc, capsys.readouterr().err
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_unknown_key_exits_2_before_any_work(tmp_path: Path) -> None:
+    """Through the real entry point: exit status 2, the key named, no run directory made."""
+    cfg = _write(tmp_path, {"decompose": {"stepz": 10}})
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "scalespd.run", str(cfg), "--run-dir",
+                          str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "decompose.stepz: unknown key" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"graph": {"k": "ten"}}, "graph.k"),
+        ({"decompose": {"steps": 1.5}}, "decompose.steps"),
+        ({"decompose": {"modules": [{"pattern": "linear1", "C": 0}]}}, "decompose.modules.0.C"),
+        ({"decompose": {"modules": [{"pattern": "linear1", "C": -3}]}}, "decompose.modules.0.C"),
+        ({"target": TINY_TARGET, "decompose": {"modules": [{"pattern": "linear1", "C": 4},
+                                                           {"pattern": "mlp_*", "C": 4}]}},
+         "'mlp_*' matches no decomposable module"),
+    ],
+    ids=["wrong-type", "float-for-int", "C-zero", "C-negative", "pattern-matches-nothing"],
+)
+def test_bad_config_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             data: dict, expected: str) -> None:
+    run_dir = tmp_path / "run"
+    rc, err = _main([str(_write(tmp_path, data)), "--run-dir", str(run_dir)], capsys)
+    assert rc == 2
+    assert expected in err
+    assert not run_dir.exists()  # nothing was started
+
+
+def test_stages_selection_and_no_overwrite_without_force(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    first = _write(tmp_path, {"target": TINY_TARGET}, "first.yaml")
+    rc, err = _main([str(first), "--run-dir", str(run_dir), "--stages", "target"], capsys)
+    assert rc == 0, err
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["target"]
+    assert manifest["stages"]["target"]["status"] == "complete"
+    assert (run_dir / "target" / "model.pt").is_file()
+    assert not (run_dir / "decompose").exists()
+
+    # Same run directory, a different target: refused, and not one byte changes.
+    before = _tree_digest(run_dir)
+    changed = _write(tmp_path, {"target": {**TINY_TARGET, "seed": 7}}, "changed.yaml")
+    rc, err = _main([str(changed), "--run-dir", str(run_dir), "--stages", "target"], capsys)
+    assert rc == 2
+    assert "different config" in err and "--force" in err
+    assert _tree_digest(run_dir) == before
+
+    # --force target redoes it with the new config (and keeps the old config snapshot).
+    rc, err = _main([str(changed), "--run-dir", str(run_dir), "--stages", "target",
+                     "--force", "target"], capsys)
+    assert rc == 0, err
+    assert json.loads((run_dir / "target" / "meta.json").read_text())["config"]["seed"] == 7
+    assert yaml.safe_load((run_dir / "config.previous.yaml").read_text())["target"]["seed"] == 0
