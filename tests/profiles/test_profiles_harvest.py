@@ -194,3 +194,28 @@ def test_cuda_forward_matches_cpu(tmp_path: Path) -> None:
     assert res.device == "cuda"
     np.testing.assert_allclose(open_profiles(tmp_path / "gpu")[:],
                                open_profiles(tmp_path / "cpu")[:], rtol=0, atol=1e-5)
+
+
+class _TokenRows(RandomRowSource):
+    """A source with language-model-style row metadata (what an LM source adds)."""
+
+    def row_fields(self):
+        return {"token_ids": ("int32", ()), "seq_ids": ("int64", ()), "positions": ("int32", ()),
+                "x": ("float32", (self.dim,))}
+
+    def row_metadata(self, block, start, stop, inputs):
+        rows = np.arange(start, stop)
+        return {"token_ids": (rows * 7 % 50).astype(np.int32), "seq_ids": rows // 16,
+                "positions": (rows % 16).astype(np.int32), "x": inputs.numpy()}
+
+
+def test_row_metadata_fields_go_to_inputs_zarr(tmp_path: Path) -> None:
+    src = _TokenRows(150, 6, seed=3)
+    harvest(tiny_model(), src, tmp_path / "p", small_cfg())
+    g = zarr.open_group(str(tmp_path / "p" / "inputs.zarr"), mode="r")
+    rows = np.arange(150)
+    np.testing.assert_array_equal(g["seq_ids"][:], rows // 16)
+    np.testing.assert_array_equal(g["positions"][:], rows % 16)
+    np.testing.assert_array_equal(g["token_ids"][:], rows * 7 % 50)
+    assert g["token_ids"].dtype == np.int32 and g["token_ids"].chunks == (32,)
+    assert g["x"].shape == (150, 6) and g["x"].chunks == (32, 6)
