@@ -4,7 +4,7 @@
 
 A cheap synthetic CI model (N columns, clamp of a random linear map, mostly exact zeros like real
 CI) is harvested over M rows with M x N float32 larger than 4 GiB, in-process, in a fresh child
-process whose peak RSS (ru_maxrss) is recorded. Baselines measured in the same run and process:
+process whose peak RSS (VmHWM) is recorded. Baselines measured in the same run and process:
   * forward_only: the same CI forward over the same block sizes with no stats and no writing;
   * np_save_block: raw uncompressed np.save of one block to the same disk.
 The baselines run after the harvest so that the recorded peak RSS is the harvest's. A smaller Ray run (2 actors) records rows/s and each actor's peak RSS. Scratch output is
@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import resource
 import shutil
 import tempfile
 import time
@@ -27,6 +26,12 @@ from pathlib import Path
 from typing import Any
 
 GiB = 2**30
+
+
+def _peak_rss_bytes() -> int:
+    from scalespd.profiles.harvest import _peak_rss_bytes as peak
+
+    return peak()
 
 
 def _du(path: Path) -> int:
@@ -68,18 +73,18 @@ def _local_part(args: dict[str, Any], q: mp.Queue) -> None:
     lay = BlockLayout.make(src.n_rows, args["cols"], cfg.chunk_rows, cfg.chunk_cols,
                            cfg.block_rows, 4)
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = _peak_rss_bytes()
 
     # Peak RSS after each block: flat after the first blocks means bounded by the block, not M.
     peaks: list[int] = []
 
     def on_block(r: Any) -> None:
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peaks.append(_peak_rss_bytes())
 
     t0 = time.perf_counter()
     res = harvest(model, src, scratch / "local", cfg, on_block=on_block)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the baselines
+    peak = _peak_rss_bytes()  # before the baselines
 
     # Baseline 1: the forward alone (inputs + CI + cast), no statistics, no writing.
     n_base = min(6, lay.n_blocks)
@@ -155,8 +160,7 @@ def _ray_part(args: dict[str, Any]) -> dict[str, Any]:
         "rows_per_s": round(src.n_rows / wall, 1),
         "MB_per_s_uncompressed": round(raw / wall / 1e6, 1),
         "actor_peak_rss_GiB": sorted(round(v / GiB, 3) for v in per_actor.values()),
-        "driver_peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                                     / GiB, 3),
+        "driver_peak_rss_GiB": round(_peak_rss_bytes() / GiB, 3),
     }
 
 
@@ -171,6 +175,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/profiles_harvest.json"))
     a = p.parse_args()
 
+    load_start = os.getloadavg()
     scratch = Path(tempfile.mkdtemp(prefix="profiles_bench_", dir=a.scratch))
     args = {"rows": a.rows, "cols": a.cols, "dim": a.dim, "ray_rows": a.ray_rows,
             "threads": a.threads, "scratch": str(scratch)}
@@ -194,8 +199,11 @@ def main() -> None:
 
     out = {
         "benchmark": "profiles_harvest",
+        # Other jobs share this machine: the 1-min load average says how busy it was.
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "loadavg_1min_start_end": [round(load_start[0], 2),
+                                               round(os.getloadavg()[0], 2)]},
         "local": local,
         "ray": ray_res,
         "checks": {

@@ -148,8 +148,16 @@ class BlockResult:
 
 
 def _peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Peak resident memory of this process. VmHWM belongs to this process image alone;
+    ru_maxrss (the fallback off Linux) also counts what a parent had before fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 def compute_block_ci(
