@@ -97,3 +97,20 @@ def test_stages_selection_and_no_overwrite_without_force(
     assert rc == 0, err
     assert json.loads((run_dir / "target" / "meta.json").read_text())["config"]["seed"] == 7
     assert yaml.safe_load((run_dir / "config.previous.yaml").read_text())["target"]["seed"] == 0
+
+
+def test_more_workers_than_local_cpus_is_a_clear_error(
+        ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a local Ray, Ray Train would wait forever for CPUs that do not exist."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    cfg = _write(tmp_path, {"target": TINY_TARGET,
+                            "decompose": {"num_workers": cpus + 2, "batch_size": 64 * (cpus + 2),
+                                          "steps": 10}})
+    run_dir = tmp_path / "run"
+    rc, err = _main([str(cfg), "--run-dir", str(run_dir), "--stages", "target", "decompose"],
+                    capsys)
+    assert rc == 2
+    assert "decompose.num_workers" in err and f"local Ray has {cpus}" in err
+    assert not (run_dir / "decompose" / "ray").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -208,6 +209,29 @@ def _report_with_checkpoint(trainer: Any, metrics: dict[str, Any], step: int, ra
 # --------------------------------------------------------------------------------------------
 
 
+def _check_local_resources(cfg: RunConfig) -> None:
+    """On a Ray this process started itself (no cluster address), workers that cannot fit would
+    make Ray Train wait for resources forever: say so instead. A real cluster may autoscale."""
+    import ray  # noqa: PLC0415
+
+    from scalespd.config import ConfigError  # noqa: PLC0415
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    dcfg = cfg.decompose
+    have = ray.cluster_resources()
+    need_cpu = dcfg.num_workers * dcfg.cpus_per_worker
+    if need_cpu > have.get("CPU", 0):
+        raise ConfigError(
+            f"decompose.num_workers ({dcfg.num_workers}) x decompose.cpus_per_worker "
+            f"({dcfg.cpus_per_worker}) = {need_cpu} CPUs, but the local Ray has "
+            f"{int(have.get('CPU', 0))} (ray.num_cpus); lower them or run on a cluster")
+    if dcfg.use_gpu and dcfg.num_workers > have.get("GPU", 0):
+        raise ConfigError(
+            f"decompose.use_gpu with {dcfg.num_workers} worker(s) needs {dcfg.num_workers} "
+            f"GPU(s), but the local Ray has {int(have.get('GPU', 0))}")
+
+
 def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | None = None
            ) -> dict[str, Any]:
     """Run (or resume) the decomposition of `run_dir/target` with Ray Train.
@@ -223,6 +247,7 @@ def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | N
     run_dir = Path(run_dir).resolve()
     decompose_dir(run_dir).mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg.ray)
+    _check_local_resources(cfg)
     cpus = dcfg.cpus_per_worker
     resumed = checkpoint_root(run_dir).exists()
     log.info("decompose: %s Ray Train run %r (%d worker(s) x %d CPU%s) in %s",
