@@ -42,14 +42,19 @@ def main() -> None:
         recipe_steps = cfg.train.steps
         steps = min(recipe_steps, args.max_steps) if args.max_steps else recipe_steps
         load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model, info = train_target(cfg, steps=steps, progress=False)
         seconds = time.perf_counter() - t0
+        # CPU time of this process: with one thread, close to the wall time on an idle core,
+        # and much less disturbed by other processes than the wall time.
+        cpu_seconds = time.process_time() - c0
         rec = {
             "name": name, "steps": steps, "recipe_steps": recipe_steps,
             "batch_size": cfg.train.batch_size, "seconds": round(seconds, 2),
             "steps_per_s": round(steps / seconds, 1),
             "full_recipe_seconds": round(seconds * recipe_steps / steps, 1),
+            "cpu_seconds": round(cpu_seconds, 2),
+            "full_recipe_cpu_seconds": round(cpu_seconds * recipe_steps / steps, 1),
             "extrapolated": steps != recipe_steps,
             # Other processes on this machine slow the run down; the 1-min load average
             # before and after tells how busy it was (cores: os.cpu_count()).

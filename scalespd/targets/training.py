@@ -92,7 +92,8 @@ def train_target(
     steps: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build and train a target with the config's recipe; deterministic for a given config
-    and device. `steps` overrides cfg.train.steps (the schedule is laid over those steps).
+    and device (cfg.path is not consulted: loading is the target stage's job). `steps`
+    overrides cfg.train.steps (the schedule is laid over those steps).
     `progress`: tqdm bar on/off (None: only on a terminal). Returns (model in eval mode,
     info with final_loss (mean of the last 100 training losses), eval_loss,
     zero_output_loss, steps, seconds)."""
