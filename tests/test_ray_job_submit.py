@@ -89,8 +89,9 @@ def _processes_mentioning(text: str) -> list[tuple[int, str]]:
     out = []
     for p in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(p.info["cmdline"] or []):
-                out.append((p.pid, " ".join(p.info["cmdline"])[:120]))
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and text in cmdline:
+                out.append((p.pid, cmdline[:120]))
         except psutil.Error:
             pass
     return out

@@ -2,10 +2,12 @@
 
 Layout under `run_dir/decompose/`:
 
-    ray/decompose/checkpoint_<step>/   Ray Train checkpoints (state.pt, metrics.json, ci_heatmap.png)
-    attempts.jsonl                     one line per (re)start of the worker group: start step, world size
-    final/model.pt, final/meta.json    the finished SPD model (written last, atomically)
-    metrics.json, ci_heatmap.png       final decomposition metrics and CI heatmap
+    config.json                       the target + decompose config these files belong to
+    ray/decompose/checkpoint_<step>/  Ray Train checkpoints: state.pt (trainer state),
+                                      metrics.json (evaluate()), ci_heatmap.png
+    attempts.jsonl                    one line per (re)start of the workers: start step, world size
+    final/model.pt, final/meta.json   the finished SPD model (final/ appears complete or not at all)
+    metrics.json, ci_heatmap.png      final decomposition metrics and CI heatmap
 
 Resuming follows Ray Train v2: constructing the trainer again with the same
 `RunConfig(name, storage_path)` makes `ray.train.get_checkpoint()` return the latest reported
@@ -24,14 +26,16 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from scalespd.config import RunConfig
 from scalespd.train.io import FINAL_DIR, META_FILE, MODEL_FILE, model_state, read_final_meta
+
+if TYPE_CHECKING:
+    from scalespd.train.trainer import SPDTrainer
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +64,6 @@ def checkpoint_root(run_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _default_trainer_cls() -> type:
-    from scalespd.train.trainer import SPDTrainer  # noqa: PLC0415
-
-    return SPDTrainer
-
-
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -75,7 +73,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_checkpoint_dir(trainer: Any, eval_metrics: dict[str, Any], step: int) -> Path:
+def _write_checkpoint_dir(trainer: SPDTrainer, eval_metrics: dict[str, Any], step: int) -> Path:
     """Rank 0: a fresh local directory holding everything needed to resume and inspect."""
     # mkdtemp, not TemporaryDirectory: Ray copies it during report() and we remove it after.
     d = Path(tempfile.mkdtemp(prefix=f"scalespd_ckpt_{step:07d}_"))
@@ -85,7 +83,7 @@ def _write_checkpoint_dir(trainer: Any, eval_metrics: dict[str, Any], step: int)
     return d
 
 
-def _write_final(trainer: Any, cfg: RunConfig, run_dir: Path, eval_metrics: dict[str, Any],
+def _write_final(trainer: SPDTrainer, cfg: RunConfig, run_dir: Path, eval_metrics: dict[str, Any],
                  world_size: int) -> None:
     """Rank 0: the finished model and metrics. `final/` appears only when complete (rename)."""
     out = decompose_dir(run_dir)
@@ -116,13 +114,14 @@ def _log_attempt(run_dir: Path, record: dict[str, Any]) -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The body each Ray Train worker runs.
 
-    config: {"run": RunConfig as JSON, "run_dir": str, "threads": int, optional "trainer_cls"}.
+    config: {"run": RunConfig as JSON, "run_dir": str, "threads": int}.
     Every rank calls `ray.train.report` at the same steps (it is a barrier); only rank 0
     attaches checkpoints and writes files."""
     import ray.train  # noqa: PLC0415
     import ray.train.torch  # noqa: PLC0415
 
     from scalespd.targets import load_target  # noqa: PLC0415
+    from scalespd.train.trainer import SPDTrainer  # noqa: PLC0415
 
     # Ray Train logs each report's whole metrics dict at INFO; our own progress line suffices.
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
@@ -134,11 +133,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    trainer_cls = config.get("trainer_cls") or _default_trainer_cls()
 
     target, target_cfg = load_target(run_dir / "target")
-    trainer = trainer_cls(target, target_cfg, dcfg, device=device, rank=rank,
-                          world_size=world_size)
+    trainer = SPDTrainer(target, target_cfg, dcfg, device=device, rank=rank,
+                         world_size=world_size)
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -182,7 +180,7 @@ def _train_metrics(metrics: dict[str, Any], step: int, t0: float, steps_done: in
     return out
 
 
-def _report_with_checkpoint(trainer: Any, metrics: dict[str, Any], step: int, rank: int,
+def _report_with_checkpoint(trainer: SPDTrainer, metrics: dict[str, Any], step: int, rank: int,
                             t0: float, steps_done: int) -> dict[str, Any]:
     """Report on every rank; rank 0 evaluates and attaches a checkpoint. Returns rank 0's eval
     metrics ({} on other ranks)."""
@@ -232,12 +230,10 @@ def _check_local_resources(cfg: RunConfig) -> None:
             f"GPU(s), but the local Ray has {int(have.get('GPU', 0))}")
 
 
-def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | None = None
-           ) -> dict[str, Any]:
+def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) the decomposition of `run_dir/target` with Ray Train.
 
-    Returns the final metrics, the number of steps and the wall time. `trainer_cls` replaces
-    the SPD trainer (same constructor and methods); only tests use it."""
+    Returns the final metrics, the number of steps, the world size and the wall time."""
     import ray.train  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -259,8 +255,6 @@ def launch(cfg: RunConfig, run_dir: Path, *, trainer_cls: Callable[..., Any] | N
         "run_dir": str(run_dir),
         "threads": cpus,
     }
-    if trainer_cls is not None:
-        loop_config["trainer_cls"] = trainer_cls
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -1,4 +1,4 @@
-"""Decompose stage for the orchestrator (`python -m scalespd.run`): run_dir/target -> run_dir/decompose.
+"""Decompose stage of `python -m scalespd.run`: run_dir/target -> run_dir/decompose.
 
 A finished decomposition made with the same target and decompose config is kept as it is; an
 interrupted one resumes from its latest Ray Train checkpoint (see `ray_train`). Outputs of a
