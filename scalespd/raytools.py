@@ -32,7 +32,10 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus)
+        # address="local": never join a cluster some earlier `ray start` left registered on
+        # this machine (it would also reject num_cpus).
         ray.init(
+            address="local",
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
             object_store_memory=cfg.object_store_memory,
