@@ -20,6 +20,9 @@ touches (≤ n·k). The GEMM, the bounds and the masks run on NumPy or CuPy (`xp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -234,21 +237,44 @@ def row_block_topk(
     state_v, state_i = empty_topk(ea - sa, k)
     later_v: list[np.ndarray] = []
     later_i: list[np.ndarray] = []
-    for b in range(a, len(panels)):
-        sb, eb = panels[b]
-        C = correlation_tile(src, a, b, xp, za)
-        f_rows = np.maximum(known[sa:ea], state_v[:, k - 1])
-        (ra, ca, va), (cb, rb, vb) = tile_candidates(
-            C, xp.asarray(f_rows), xp.asarray(known[sb:eb]), k, threshold, b == a, xp)
-        del C
-        state_v, state_i = merge_candidates(state_v, state_i, ra, ca + sb, va, k)
-        if b == a:  # the lower triangle: row j of a gets neighbour i < j
-            state_v, state_i = merge_candidates(state_v, state_i, cb, rb + sa, vb, k)
-        else:
-            v, i = merge_candidates(*empty_topk(eb - sb, k), cb, rb + sa, vb, k)
-            later_v.append(v)
-            later_i.append(i)
+    # On the CPU the next tile's GEMM (and panel read) runs in a helper thread while this one's
+    # candidates are picked: both release the GIL, so the two overlap.
+    with ThreadPoolExecutor(max_workers=1) if xp is np else nullcontext() as pool:
+        tiles = _tiles(src, a, xp, za, pool)
+        for b in range(a, len(panels)):
+            sb, eb = panels[b]
+            C = next(tiles)
+            f_rows = np.maximum(known[sa:ea], state_v[:, k - 1])
+            (ra, ca, va), (cb, rb, vb) = tile_candidates(
+                C, xp.asarray(f_rows), xp.asarray(known[sb:eb]), k, threshold, b == a, xp)
+            del C
+            state_v, state_i = merge_candidates(state_v, state_i, ra, ca + sb, va, k)
+            if b == a:  # the lower triangle: row j of a gets neighbour i < j
+                state_v, state_i = merge_candidates(state_v, state_i, cb, rb + sa, vb, k)
+            else:
+                v, i = merge_candidates(*empty_topk(eb - sb, k), cb, rb + sa, vb, k)
+                later_v.append(v)
+                later_i.append(i)
     return np.concatenate([state_v, *later_v]), np.concatenate([state_i, *later_i])
+
+
+def _tiles(
+    src: TileSource, a: int, xp: ModuleType, za: Any | None, pool: ThreadPoolExecutor | None
+) -> Iterator[Any]:
+    """The tiles (a, b) for b = a, a+1, ...; with a pool, tile b+1 is computed while tile b is
+    being used (at most two tiles alive)."""
+    n_panels = len(src.panels)
+    if pool is None:
+        for b in range(a, n_panels):
+            yield correlation_tile(src, a, b, xp, za)
+        return
+    ahead = pool.submit(correlation_tile, src, a, a, xp, za)
+    for b in range(a, n_panels):
+        C = ahead.result()
+        if b + 1 < n_panels:
+            ahead = pool.submit(correlation_tile, src, a, b + 1, xp, za)
+        yield C
+        del C
 
 
 def empty_topk(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
