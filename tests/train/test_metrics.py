@@ -52,6 +52,24 @@ def test_mmcs_ml2r_decoder_axis_uses_rows():
     assert mm == pytest.approx(1.0, abs=1e-6) and ml == pytest.approx(1.0, abs=1e-6)
 
 
+def test_negligible_dead_pieces_do_not_win_the_max():
+    """A dead subcomponent whose tiny piece happens to point exactly along W_j must not be the
+    argmax (it would make that feature's L2 ratio ~0)."""
+    torch.manual_seed(2)
+    W = torch.randn(2, 5)
+    V, U = _exact_feature_decomposition(W, C=20, perm=[0, 1, 2, 3, 4])
+    with torch.no_grad():
+        # Live piece for feature 0 slightly off-direction, dead piece (norm 1e-3) exactly on it.
+        U[0] = U[0] + 0.01 * torch.tensor([1.0, -1.0])
+        V[0, 7] = 1.0
+        U[7] = 1e-3 * W[:, 0] / W[:, 0].norm()
+    mm, ml = mmcs_ml2r(W, V, U, "in")
+    assert ml == pytest.approx(1.0, abs=0.02)
+    assert mm > 0.999
+    # Without the norm floor the dead piece wins and the ratio collapses for that feature.
+    assert mmcs_ml2r(W, V, U, "in", min_norm_frac=0.0)[1] < 0.85
+
+
 def test_mmcs_penalises_mixed_subcomponents():
     W = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # One subcomponent holding both columns' directions (rank one, so it cannot be exact).
