@@ -39,6 +39,74 @@ def _layer_dims(d_in: int, hidden: list[int], d_out: int) -> list[tuple[int, int
     ]
 
 
+# On CPU the parallel MLPs are memory-bound: their hidden activations (C, N, h) are far larger
+# than the caches for realistic N and C, and every elementwise op streams them through memory
+# again. Evaluating them in blocks of components whose activations fit in ~2 MB, and recomputing
+# the block's activations in the backward pass instead of storing them, measured ~2x faster for
+# the forward+backward of C = 200, N = 4096, h = 16 on one core (and saves the memory of every
+# hidden activation). GPUs keep the one-shot evaluation.
+_CPU_BLOCK_BYTES = 2 * 2**20
+
+
+def _mlp_core(x: Tensor, weights: list[Tensor], biases: list[Tensor],
+              per_component: bool) -> Tensor:
+    """c independent MLPs. x: (c, N) one scalar per MLP, or (N, d_in) shared by all; weights[k]
+    (c, fan_in, fan_out), biases[k] (c, fan_out). Returns (c, N). Works in a (c, N, fan) layout
+    so every layer is one batched matmul over components."""
+    w0, b0 = weights[0], biases[0]
+    if per_component:
+        a = torch.baddbmm(b0.unsqueeze(1), x.unsqueeze(-1), w0)  # (c, N, h1)
+    else:
+        c, d_in, h1 = w0.shape
+        flat = w0.permute(1, 0, 2).reshape(d_in, c * h1)  # one matmul for all c first layers
+        a = (x @ flat).view(-1, c, h1).transpose(0, 1) + b0.unsqueeze(1)
+    for w, b in zip(weights[1:], biases[1:], strict=True):
+        a = torch.baddbmm(b.unsqueeze(1), F.gelu(a), w)  # (c, N, fan_out)
+    return a.squeeze(-1)
+
+
+class _BlockedMLP(torch.autograd.Function):
+    """`_mlp_core` over blocks of `block` components, activations recomputed per block in the
+    backward pass (see _CPU_BLOCK_BYTES). Same values and gradients as the one-shot version."""
+
+    @staticmethod
+    def forward(ctx, block: int, per_component: bool, n_layers: int, x: Tensor,
+                *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, *params)
+        ctx.block, ctx.per_component, ctx.n_layers = block, per_component, n_layers
+        C = params[0].shape[0]
+        outs = []
+        for s in range(0, C, block):
+            ps = [p[s:s + block] for p in params]
+            xs = x[s:s + block] if per_component else x
+            outs.append(_mlp_core(xs, ps[:n_layers], ps[n_layers:], per_component))
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, *params = ctx.saved_tensors
+        block, per_component, n = ctx.block, ctx.per_component, ctx.n_layers
+        want_x = ctx.needs_input_grad[3]
+        gx = torch.zeros_like(x) if want_x else None
+        gps = [torch.empty_like(p) for p in params]
+        for s in range(0, params[0].shape[0], block):
+            e = s + block
+            xs = (x[s:e] if per_component else x).detach().requires_grad_(want_x)
+            ps = [p[s:e].detach().requires_grad_(True) for p in params]
+            with torch.enable_grad():
+                out = _mlp_core(xs, ps[:n], ps[n:], per_component)
+            grads = torch.autograd.grad(out, ([xs] if want_x else []) + ps, grad[s:e])
+            if want_x:
+                if per_component:
+                    gx[s:e] = grads[0]
+                else:
+                    gx += grads[0]
+                grads = grads[1:]
+            for G, g in zip(gps, grads, strict=True):
+                G[s:e] = g
+        return (None, None, None, gx, *gps)
+
+
 class ParallelMLP(nn.Module):
     """C independent MLPs d_in -> hidden... -> 1 evaluated at once.
 
@@ -65,23 +133,28 @@ class ParallelMLP(nn.Module):
         for fan_in, fan_out, std in _layer_dims(d_in, hidden, 1):
             self.weights.append(_normal((C, fan_in, fan_out), std, generator))
             self.biases.append(nn.Parameter(torch.zeros(C, fan_out)))
+        self._widest = max([1, *hidden])
+
+    def block_size(self, n_rows: int, device: torch.device) -> int:
+        """Components per block: all of them on GPUs, else as many as fit _CPU_BLOCK_BYTES."""
+        if device.type != "cpu":
+            return self.C
+        return max(1, min(self.C, _CPU_BLOCK_BYTES // (4 * n_rows * self._widest)))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Work in a (C, N, fan) layout so every layer is one batched matmul over components
-        # (measured ~1.7x faster on CPU than broadcasting in (N, C, fan)).
         lead = x.shape[:-1]
-        w0, b0 = self.weights[0], self.biases[0]
+        x2 = x.reshape(-1, x.shape[-1])
         if self.per_component_input:
-            xs = x.reshape(-1, self.C).T.unsqueeze(-1)  # (C, N, 1)
-            a = torch.baddbmm(b0.unsqueeze(1), xs, w0)  # (C, N, h1)
+            x2 = x2.T.contiguous()  # (C, N)
+        weights, biases = list(self.weights), list(self.biases)
+        n_rows = x2.shape[1] if self.per_component_input else x2.shape[0]
+        block = self.block_size(n_rows, x.device)
+        if block >= self.C:
+            out = _mlp_core(x2, weights, biases, self.per_component_input)
         else:
-            # Shared input: one matmul against all C first layers at once.
-            C, d_in, h1 = w0.shape
-            flat = w0.permute(1, 0, 2).reshape(d_in, C * h1)
-            a = (x.reshape(-1, d_in) @ flat).view(-1, C, h1).transpose(0, 1) + b0.unsqueeze(1)
-        for w, b in zip(list(self.weights)[1:], list(self.biases)[1:], strict=True):
-            a = torch.baddbmm(b.unsqueeze(1), F.gelu(a), w)  # (C, N, fan_out)
-        return a.squeeze(-1).T.reshape(*lead, self.C)  # (..., C)
+            out = _BlockedMLP.apply(block, self.per_component_input, len(weights), x2,
+                                    *weights, *biases)
+        return out.T.reshape(*lead, self.C)  # (..., C)
 
 
 class SharedMLP(nn.Module):
