@@ -243,8 +243,6 @@ class ComponentModel(nn.Module):
         self.ci_fns = nn.ModuleDict(cis)
 
         self._pass: _PassState | None = None
-        for p, mod in self._targets.items():
-            mod.register_forward_hook(self._make_hook(p))
 
     # ---------------------------------------------------------------------------------------
     # Access
@@ -304,11 +302,17 @@ class ComponentModel(nn.Module):
         return hook
 
     def _run(self, x: Tensor, state: _PassState) -> Tensor:
+        # Hooks live only for this call (as in the reference): a copied or pickled model never
+        # carries hooks bound to another instance, and the plain target stays hook-free.
+        handles = [mod.register_forward_hook(self._make_hook(p))
+                   for p, mod in self._targets.items()]
         self._pass = state
         try:
             return self.target(x)
         finally:
             self._pass = None
+            for h in handles:
+                h.remove()
 
     def forward_cached(self, x: Tensor) -> ForwardCache:
         """Target forward (no grad) caching every decomposed module's input."""

@@ -284,3 +284,16 @@ def test_blocked_cpu_evaluation_matches_one_shot(kind, x_grad, monkeypatch):
     assert len(g1) == len(g2)
     for a, b in zip(g1, g2, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_copied_model_applies_its_own_masks():
+    import copy
+
+    model = make_model()
+    clone = copy.deepcopy(model)
+    x = torch.randn(4, 6)
+    zeros = {"2": Mask(torch.zeros(4, 5))}
+    with torch.no_grad():
+        out = clone.forward_masked(x, zeros)
+        assert torch.allclose(out, clone.target[2].bias.expand(4, 3))
+        assert not model.target[2]._forward_hooks and not clone.target[2]._forward_hooks

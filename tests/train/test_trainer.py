@@ -57,6 +57,16 @@ def test_training_finishes_at_cfg_steps():
         tr.train_step()
 
 
+def test_gradient_clipping_bounds_the_global_grad_norm():
+    tr = make_trainer(small_cfg(grad_clip_norm=1e-3))
+    tr.train_step()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in tr.params]))
+    assert norm <= 1e-3 * (1 + 1e-4)
+    free = make_trainer(small_cfg())
+    free.train_step()
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in free.params])) > 1e-2
+
+
 def test_tied_tms_components_share_one_parameter_pair():
     tr = make_trainer(name="tms_5-2")
     assert tr.model.tied == {"linear2": "linear1"}
