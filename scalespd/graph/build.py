@@ -311,7 +311,7 @@ def build_graph(
     topk_val[active] = np.where(ok, np.minimum(vals, 1.0), 0.0)
 
     t3 = time.perf_counter()
-    W = knn_graph(topk_idx, topk_val, n, cfg.mutual)
+    W = knn_graph(topk_idx, topk_val, n, cfg.use_mutual)
     n_comp, labels = components(W)
     timings["graph_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
@@ -324,7 +324,7 @@ def build_graph(
         "n_zero_var": int(stats.zero_var.sum()),
         "zero_var_columns": cols[stats.zero_var][:1000].tolist(),
         "k": k,
-        "mutual": cfg.mutual,
+        "mutual": cfg.use_mutual,
         "threshold": threshold,
         "threshold_info": tinfo,
         "n_edges": int(W.nnz // 2),

@@ -137,7 +137,7 @@ def _check_graph(res, C: np.ndarray, k: int, threshold: float, mutual: bool,
 def test_block_structured_matches_brute_force(threshold: float) -> None:
     X, block = block_profiles(n_rows=700, n_cols=230, n_blocks=12, signal=0.8, seed=1)
     k = 5
-    cfg = GraphConfig(k=k, edge_threshold=threshold, tile_cols=48, row_chunk=160)
+    cfg = GraphConfig(k=k, edge_threshold=threshold, mutual=True, tile_cols=48, row_chunk=160)
     res = build_graph(X, cfg)
     C = brute_corr(X)
     amb = assert_topk_matches(C, k, threshold, res.topk_idx, res.topk_val)

@@ -25,7 +25,6 @@ def _run(X: np.ndarray, gcfg: GraphConfig, scfg: SpectralConfig, **kw):
 
 def test_assorted_blocks_with_noise_dead_and_constant_columns():
     rng = np.random.default_rng(0)
-    # Mechanisms up to k + 1 = 11 members (see the report: mutual k-NN fragments larger ones).
     sizes = rng.integers(1, 12, size=50)
     X, truth = planted_profiles(sizes, 2000, n_dead=40, n_constant=4, noise=0.05, seed=0)
     alive, graph, res = _run(X, GraphConfig(), SpectralConfig())
@@ -37,14 +36,18 @@ def test_assorted_blocks_with_noise_dead_and_constant_columns():
     assert np.all(np.bincount(res.labels)[const] == 1)
 
 
-def test_large_mechanisms_with_union_knn():
-    """Mechanisms of 10–40 members (bigger than k): with the noise-aware threshold the union
-    k-NN graph keeps each one connected and the clusters match the truth."""
+def test_large_mechanisms_defaults_vs_mutual_knn():
+    """Mechanisms of 10–40 members (bigger than k). The defaults (data-derived threshold, so a
+    union k-NN graph) keep each one connected and match the truth; forcing the paper's mutual
+    k-NN breaks them into fragments and isolated nodes."""
     rng = np.random.default_rng(1)
     sizes = np.concatenate([rng.integers(1, 10, size=30), rng.integers(10, 41, size=8)])
     X, truth = planted_profiles(sizes, 3000, n_dead=20, n_constant=2, seed=1)
-    alive, _, res = _run(X, GraphConfig(mutual=False), SpectralConfig())
+    alive, graph, res = _run(X, GraphConfig(), SpectralConfig())
+    assert not graph.summary["mutual"]
     assert adjusted_rand_score(truth[alive], res.labels) >= 0.95
+    alive_m, _, res_m = _run(X, GraphConfig(mutual=True), SpectralConfig())
+    assert adjusted_rand_score(truth[alive_m], res_m.labels) < 0.9
 
 
 def test_hundreds_of_small_mechanisms_defaults_vs_paper_settings():
