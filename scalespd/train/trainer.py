@@ -76,8 +76,9 @@ class SPDTrainer:
         init_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _STREAM_INIT))
         self.model = ComponentModel(target, module_C, infos, cfg, generator=init_gen)
         self.model.to(self.device)
-        if self.distributed:
-            for t in self.model.state_dict().values():
+        if self.distributed:  # identical already; broadcast makes it independent of the RNG
+            for t in [*self.model.components.state_dict().values(),
+                      *self.model.ci_fns.state_dict().values()]:
                 dist.broadcast(t, src=0)
         self.params = self.model.component_parameters() + self.model.ci_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.schedule.lr,
