@@ -34,6 +34,7 @@ from scalespd.graph.stats import (
 )
 from scalespd.graph.threshold import edge_threshold
 from scalespd.graph.topk import TileSource, empty_topk, merge_topk, row_block_topk
+from scalespd.jsonio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,7 @@ class GraphResult:
         np.savez(out / "topk.npz", idx=self.topk_idx, val=self.topk_val)
         sp.save_npz(out / "graph.npz", self.graph)
         np.save(out / "labels.npy", self.labels)
-        tmp = out / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2, default=_json_default))
-        tmp.replace(out / SUMMARY)
+        write_json_atomic(out / SUMMARY, self.summary)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> GraphResult:
@@ -99,14 +98,6 @@ class GraphResult:
                 labels=np.load(out / "labels.npy"), threshold=float(summary["threshold"]),
                 summary=summary,
             )
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o)}")
 
 
 # --------------------------------------------------------------------------------------------

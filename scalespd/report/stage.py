@@ -9,7 +9,6 @@ always-on setting so that both scorings are in the report (the TMS 5-2+ID failur
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from scalespd.config import RunConfig
+from scalespd.jsonio import write_json_atomic
 from scalespd.report import groundtruth as gt
 from scalespd.report import plots
 from scalespd.report.inputs import RunArtifacts, load_run, read_profile_columns
@@ -187,8 +187,8 @@ def build_report(
         gt_tables = _ground_truth(cfg, art, onehot, alternative, summary, figures, out_dir)
 
     summary["report_seconds"] = round(time.perf_counter() - started, 3)
-    _write_json(out_dir / "summary.json", summary)
-    _write_json(out_dir / "clusters.json", table)
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / "clusters.json", table)
     write_html(out_dir / "index.html", cfg, summary, table, figures, gt_tables)
     log.info("report written to %s", out_dir / "index.html")
     return summary
@@ -318,20 +318,3 @@ def _timings(manifest: dict[str, Any]) -> dict[str, float | None]:
 
 def _fig(path: Path, caption: str) -> dict[str, str]:
     return {"file": path.name, "caption": caption}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic write: a crash never leaves a half-written file in place of a good one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    tmp.replace(path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

@@ -8,7 +8,6 @@ complete output; a re-run simply recomputes both (the stage takes seconds).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,7 +19,13 @@ import pandas as pd
 from scalespd.backend import resolve_device
 from scalespd.config import RunConfig
 from scalespd.graph import GraphResult
-from scalespd.spectral.clustering import AliveClustering, cluster_alive, cluster_summary, clusters_table
+from scalespd.jsonio import write_json_atomic
+from scalespd.spectral.clustering import (
+    AliveClustering,
+    cluster_alive,
+    cluster_summary,
+    clusters_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +53,7 @@ def write_outputs(
     table.to_csv(tmp, index=False)
     tmp.replace(out_dir / CLUSTERS_FILE)
     doc = {"info": result.info, **extra, "pieces": result.spectra}
-    tmp = out_dir / f".{SPECTRA_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default))
-    tmp.replace(out_dir / SPECTRA_FILE)
+    write_json_atomic(out_dir / SPECTRA_FILE, doc, indent=1)
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -82,11 +85,3 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     return {**summary, "largest_clusters": sizes[:10], "n_always_on": result.info["n_always_on"],
             "n_pieces": result.info["n_pieces"], "n_tasks": result.info["n_tasks"],
             "seconds": round(result.info["seconds"], 3)}
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o)}")
