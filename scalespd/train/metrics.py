@@ -211,17 +211,18 @@ def save_ci_heatmap(model: ComponentModel, one_hot: Tensor, path: Path,
     paths = model.module_paths
     n_feat = one_hot.shape[0]
     width = sum(max(2.0, 0.12 * model.C[p]) for p in paths) + 1.5
-    fig = Figure(figsize=(min(width, 40), max(2.5, 0.12 * n_feat + 1.5)))
+    fig = Figure(figsize=(min(width, 40), max(2.5, 0.12 * n_feat + 1.5)), layout="constrained")
     axes = fig.subplots(1, len(paths), squeeze=False)
     im = None
-    for ax, p in zip(axes[0], paths, strict=True):
+    for i, (ax, p) in enumerate(zip(axes[0], paths, strict=True)):
         ci = g[p].flatten(0, -2).cpu().numpy()
         order = greedy_permutation(ci)
         im = ax.imshow(ci[:, order], vmin=0, vmax=1, cmap="Blues", aspect="auto",
                        interpolation="nearest")
         ax.set_title(p, fontsize=9)
         ax.set_xlabel("subcomponent (permuted)")
-        ax.set_ylabel("one-hot input feature")
+        if i == 0:
+            ax.set_ylabel("one-hot input feature")
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="causal importance")
     if title:
