@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from scalespd.config import ConfigError, RunConfig
 from scalespd.targets.io import load_target, read_meta, save_target
 from scalespd.targets.training import eval_loss, sanity_check, train_target
@@ -46,7 +48,15 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     else:
         log.info("[target] training %s target (%d steps, batch %d)", tcfg.kind,
                  tcfg.train.steps, tcfg.train.batch_size)
-        model, info = train_target(tcfg)
+        # Toy targets are a few small matmuls per step: with more than one torch thread on a
+        # busy 2-core machine, thread hand-offs cost far more than they save (measured: the
+        # 40-10 recipe ran ~10x slower with 2 threads while other work ran).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model, info = train_target(tcfg)
+        finally:
+            torch.set_num_threads(threads)
         info["source"] = "trained"
     info |= sanity_check(model, tcfg)
     if tcfg.kind == "tms" and info["one_hot_features_represented"] < tcfg.n_features:
