@@ -49,6 +49,19 @@ def test_train_step_returns_terms_follows_schedule_and_advances():
     assert out["p"] == 1.0
 
 
+@pytest.mark.parametrize("variant", [
+    {"ci_fn": "vector_mlp"}, {"ci_fn": "shared_mlp", "ci_hidden": [12]},
+    {"lower_leaky": "forward"}, {"sigmoid": "hard"}, {"sampling": "binomial"},
+    {"use_delta_component": False}, {"n_mask_samples": 2},
+])
+def test_every_variant_trains(variant):
+    tr = make_trainer(small_cfg(**variant))
+    before = params(tr)
+    logs = [tr.train_step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(list(log.values()))).all() for log in logs)
+    assert all(not torch.equal(a, b) for a, b in zip(before, params(tr), strict=True))
+
+
 def test_training_finishes_at_cfg_steps():
     tr = make_trainer(small_cfg(steps=2, faithfulness_warmup_steps=0))
     tr.train_step()
