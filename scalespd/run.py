@@ -135,9 +135,16 @@ def validate_run(cfg: RunConfig) -> None:
         from scalespd.train.components import match_modules  # noqa: PLC0415
     except ModuleNotFoundError:
         return  # those stages are not built; they will say so when reached
+    from scalespd.targets import build_target, module_info  # noqa: PLC0415
+    from scalespd.train.components import ComponentModel  # noqa: PLC0415
+
     paths = module_paths(cfg.target)
     try:
-        match_modules([(m.pattern, m.C) for m in cfg.decompose.modules], paths)
+        module_C = match_modules([(m.pattern, m.C) for m in cfg.decompose.modules], paths)
+        # Building the components on an untrained target is cheap for every toy and surfaces
+        # the remaining structural errors (e.g. tied modules with different C) before any work.
+        ComponentModel(build_target(cfg.target), module_C, module_info(cfg.target),
+                       cfg.decompose)
     except ValueError as err:
         raise ConfigError(f"invalid config: decompose.modules: {err}") from None
 

@@ -59,8 +59,12 @@ def test_unknown_key_exits_2_before_any_work(tmp_path: Path) -> None:
         ({"target": TINY_TARGET, "decompose": {"modules": [{"pattern": "linear1", "C": 4},
                                                            {"pattern": "mlp_*", "C": 4}]}},
          "'mlp_*' matches no decomposable module"),
+        ({"target": TINY_TARGET, "decompose": {"modules": [{"pattern": "linear1", "C": 4},
+                                                           {"pattern": "linear2", "C": 3}]}},
+         "need the same C"),
     ],
-    ids=["wrong-type", "float-for-int", "C-zero", "C-negative", "pattern-matches-nothing"],
+    ids=["wrong-type", "float-for-int", "C-zero", "C-negative", "pattern-matches-nothing",
+         "tied-modules-different-C"],
 )
 def test_bad_config_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              data: dict, expected: str) -> None:
