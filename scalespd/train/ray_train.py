@@ -111,6 +111,20 @@ def _log_attempt(run_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs each report's whole metrics dict at INFO; our own progress line suffices.
+
+    Ray 2.5x names that logger after the module's file path (`logging.getLogger(__file__)`),
+    not its dotted name, so both are silenced."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    for name in (context.__name__, getattr(context, "__file__", None)):
+        if name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The body each Ray Train worker runs.
 
@@ -123,8 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from scalespd.targets import load_target  # noqa: PLC0415
     from scalespd.train.trainer import SPDTrainer  # noqa: PLC0415
 
-    # Ray Train logs each report's whole metrics dict at INFO; our own progress line suffices.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_ray_train_reports()
     cfg = RunConfig.model_validate(config["run"])
     dcfg = cfg.decompose
     run_dir = Path(config["run_dir"])

@@ -205,3 +205,18 @@ def test_two_workers_match_one_worker(ray_local, resumed_run: dict[str, Any],
     for m in ("linear1", "linear2"):
         assert q2[f"alive_onehot/{m}"] == q1[f"alive_onehot/{m}"] == 5, (q1, q2)
         assert q2[f"mmcs/{m}"] >= 0.99 and abs(q2[f"mmcs/{m}"] - q1[f"mmcs/{m}"]) < 0.01, (q1, q2)
+
+
+def test_ray_train_report_logger_is_quieted() -> None:
+    """Ray Train's per-report INFO line (the whole metrics dict, every log_every steps) is
+    silenced in workers; its logger is named by file path, which a dotted name misses."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from scalespd.train.ray_train import _quiet_ray_train_reports
+
+    context.logger.setLevel(logging.NOTSET)
+    _quiet_ray_train_reports()
+    assert not context.logger.isEnabledFor(logging.INFO)
+    assert context.logger.isEnabledFor(logging.WARNING)
