@@ -7,6 +7,11 @@ which alive subcomponent serves which feature from its causal importance on one-
 (x_i = 0.75, one row per feature): the feature with the largest CI, unless
 
 - it is important (CI > tau) on more than `dense_fraction` of the one-hot inputs -> DENSE,
+- it belongs to a matrix that is one dense mechanism by construction (TMS identity, ResidMLP
+  mlp_out: `DENSE_MODULE_TYPES`) and is important on any one-hot input -> DENSE. Such a matrix's
+  subcomponents need not align with any feature basis: SPD's ResidMLP heatmaps show each
+  mlp_out subcomponent important on an arbitrary subset of the features, all of them together
+  forming the identity projection (SPD paper Fig. 8 and 12),
 - it is important on none of them -> INACTIVE (alive on the profile data, but serving no single
   feature: the noise components of a poorly sparsified decomposition),
 - its best and second-best CI are within `tie_tol` -> TIE (serves two features equally).
@@ -55,11 +60,17 @@ class FeatureAssignment:
 
 
 def assign_features(
-    onehot_ci: np.ndarray, tau: float, dense_fraction: float = 0.5, tie_tol: float = 1e-3
+    onehot_ci: np.ndarray,
+    tau: float,
+    dense_fraction: float = 0.5,
+    tie_tol: float = 1e-3,
+    dense_module: np.ndarray | None = None,
 ) -> FeatureAssignment:
     """Map each subcomponent (column) to the feature it serves.
 
     onehot_ci: (F, n) causal importances, row f = input with only feature f on.
+    dense_module: (n,) bool, True where the subcomponent's matrix is a dense mechanism by
+        construction (see `DENSE_MODULE_TYPES`); None: decide from the one-hot CI alone.
     """
     ci = np.asarray(onehot_ci, dtype=np.float64)
     if ci.ndim != 2 or ci.shape[0] == 0:
@@ -84,6 +95,12 @@ def assign_features(
     # Dense and inactive override everything: they describe what the component is, whatever its
     # argmax happens to be.
     labels[n_served > dense_fraction * F] = DENSE
+    if dense_module is not None:
+        dense_module = np.asarray(dense_module, dtype=bool)
+        if dense_module.shape != (n,):
+            raise ValueError(f"dense_module has shape {dense_module.shape}, expected ({n},) "
+                             f"like the columns of onehot_ci")
+        labels[dense_module & (n_served > 0)] = DENSE
     labels[n_served == 0] = INACTIVE
     for j in list(tied):
         if labels[j] != TIE:

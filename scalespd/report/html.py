@@ -173,7 +173,8 @@ def render_html(
         parts += ["<h2>Ground truth</h2>",
                   "<p>Each alive subcomponent is mapped to the input feature with its largest "
                   "causal importance on one-hot inputs; <i>dense</i> ones (important on more "
-                  f"than {cfg.report.dense_fraction:.0%} of one-hot inputs, e.g. TMS identity, "
+                  f"than {cfg.report.dense_fraction:.0%} of one-hot inputs, or on any of them "
+                  "in a matrix that is one dense mechanism by construction: TMS identity, "
                   "ResidMLP mlp_out) form one expected mechanism. A feature mechanism is "
                   "<i>recovered</i> when its subcomponents form exactly one cluster with nothing "
                   "else in it and cover every feature-serving layer.</p>"]

@@ -78,7 +78,7 @@ def needs_alternative(cfg: RunConfig, art: RunArtifacts, onehot: np.ndarray | No
     """Report both settings when the ground truth has dense subcomponents or some alive node is
     always-on under either setting."""
     if onehot is not None:
-        a = _assign(cfg, onehot[:, art.alive_ids])
+        a = _assign(cfg, onehot[:, art.alive_ids], art)
         if (a.labels == gt.DENSE).any():
             return True
     from scalespd.report.alternative import alternative_config  # noqa: PLC0415
@@ -88,9 +88,12 @@ def needs_alternative(cfg: RunConfig, art: RunArtifacts, onehot: np.ndarray | No
     return any(_always_on_mask(art, f).any() for f in fractions)
 
 
-def _assign(cfg: RunConfig, onehot_alive: np.ndarray) -> gt.FeatureAssignment:
+def _assign(cfg: RunConfig, onehot_alive: np.ndarray, art: RunArtifacts
+            ) -> gt.FeatureAssignment:
     tau = cfg.report.gt_tau if cfg.report.gt_tau is not None else cfg.profiles.tau
-    return gt.assign_features(onehot_alive, tau, cfg.report.dense_fraction, cfg.report.tie_tol)
+    dense_module = art.alive["module_type"].astype(str).isin(gt.DENSE_MODULE_TYPES).to_numpy()
+    return gt.assign_features(onehot_alive, tau, cfg.report.dense_fraction, cfg.report.tie_tol,
+                              dense_module=dense_module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ def _ground_truth(
     names = alive["name"].astype(str).tolist()
     layers = alive["layer"].to_numpy(dtype=np.int64)
     onehot_alive = onehot[:, art.alive_ids]
-    assignment = _assign(cfg, onehot_alive)
+    assignment = _assign(cfg, onehot_alive, art)
     feature_layers, expected = _expected_structure(cfg, art)
     from scalespd.report.alternative import describe  # noqa: PLC0415
 

@@ -54,6 +54,26 @@ def test_near_tie_outside_tolerance_takes_argmax():
     assert a.labels.tolist() == [gt.TIE] and a.tied == {0: [0, 1]}
 
 
+def test_dense_module_subcomponents_are_dense_whatever_features_they_serve():
+    """ResidMLP mlp_out subcomponents each serve an arbitrary subset of the features (SPD Fig. 8
+    and 12); as parts of the dense identity projection they are DENSE, not ties or features. A
+    dense-module subcomponent that serves no one-hot input stays INACTIVE; other modules keep
+    the one-hot rule."""
+    # columns: serves features 0+1 | serves feature 2 | serves none | (other module) serves
+    # feature 0 | (other module) serves none
+    cols = np.array([[1.0, 0.0, 0.05, 0.9, 0.0],
+                     [1.0, 0.0, 0.0, 0.0, 0.0],
+                     [0.0, 0.8, 0.0, 0.0, 0.05],
+                     [0.0, 0.0, 0.0, 0.0, 0.0]])  # (F = 4, n = 5)
+    dense_module = np.array([True, True, True, False, False])
+    a = gt.assign_features(cols, TAU, tie_tol=1e-3, dense_module=dense_module)
+    assert a.labels.tolist() == [gt.DENSE, gt.DENSE, gt.INACTIVE, 0, gt.INACTIVE]
+    plain = gt.assign_features(cols, TAU, tie_tol=1e-3)
+    assert plain.labels.tolist() == [gt.TIE, 2, gt.INACTIVE, 0, gt.INACTIVE]
+    with pytest.raises(ValueError, match="dense_module"):
+        gt.assign_features(cols, TAU, dense_module=np.ones(3, dtype=bool))
+
+
 def test_dense_fraction_is_strict():
     half = np.array([[1.0], [1.0], [0.0], [0.0]])  # served by exactly 2 of 4 inputs
     assert gt.assign_features(half, TAU, dense_fraction=0.5, tie_tol=0).labels[0] == gt.TIE
