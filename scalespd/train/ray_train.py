@@ -114,15 +114,15 @@ def _log_attempt(run_dir: Path, record: dict[str, Any]) -> None:
 def _quiet_ray_train_reports() -> None:
     """Ray Train logs each report's whole metrics dict at INFO; our own progress line suffices.
 
-    Ray 2.5x names that logger after the module's file path (`logging.getLogger(__file__)`),
-    not its dotted name, so both are silenced."""
+    The module's own logger object is quieted: Ray names it after the file path
+    (`logging.getLogger(__file__)`), so looking it up by dotted name would miss it."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: keep its logging as it is
         return
-    for name in (context.__name__, getattr(context, "__file__", None)):
-        if name:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    logger = getattr(context, "logger", None)
+    if isinstance(logger, logging.Logger):
+        logger.setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
