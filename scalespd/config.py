@@ -14,16 +14,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from scalespd.errors import ConfigError  # noqa: F401  (re-exported: stages raise it)
+
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Probability = Annotated[float, Field(gt=0, le=1)]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the offending field or file."""
 
 
 class Cfg(BaseModel):
