@@ -8,6 +8,7 @@ default run: a small TMS 5-2 decomposition that shows every stage on a laptop CP
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,12 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from scalespd.errors import ConfigError  # noqa: F401  (re-exported: stages raise it)
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
-Probability = Annotated[float, Field(gt=0, le=1)]
+# Scalars are strict: YAML's `true` is not the integer 1, 1.5 is not an integer, and the string
+# "yes" is not a boolean. (An integer is still accepted where a float is expected.)
+Int = Annotated[int, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+PosInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
+PosFloat = Annotated[float, Field(gt=0, strict=True)]
+NonNegFloat = Annotated[float, Field(ge=0, strict=True)]
+Fraction = Annotated[float, Field(ge=0, le=1, strict=True)]
+Probability = Annotated[float, Field(gt=0, le=1, strict=True)]
 
 
 class Cfg(BaseModel):
@@ -41,7 +46,7 @@ class ScheduleConfig(Cfg):
 
     lr: PosFloat
     fn: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_pct: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    warmup_pct: Annotated[float, Field(ge=0, lt=1, strict=True)] = 0.0
     final_frac: Fraction = 1.0
 
     @model_validator(mode="after")
@@ -75,14 +80,14 @@ class TMSTargetConfig(Cfg):
     n_features: PosInt = 5
     n_hidden: PosInt = 2
     n_identity_layers: NonNegInt = 0
-    tied_weights: bool = True
+    tied_weights: Bool = True
     # Start the output bias b at 0. The reference recipe uses torch's default bias init
     # (U(+-1/sqrt(n_hidden))) for 5-2 and zero for 40-10; with the default init, features whose
     # bias starts negative never switch on (measured: 9 of 10 seeds of TMS 5-2 end with dead
     # features), so zero is the default here for every size. Set false for the exact recipe.
-    init_bias_to_zero: bool = True
+    init_bias_to_zero: Bool = True
     feature_probability: Probability = 0.05
-    seed: int = 0
+    seed: Int = 0
     # Load a trained target from this directory (as written by the target stage) instead of
     # training one.
     path: Path | None = None
@@ -103,10 +108,10 @@ class ResidMLPTargetConfig(Cfg):
     d_mlp: PosInt = 50
     n_layers: PosInt = 1
     act: Literal["relu", "gelu"] = "relu"
-    in_bias: bool = False
-    out_bias: bool = False
+    in_bias: Bool = False
+    out_bias: Bool = False
     feature_probability: Probability = 0.01
-    seed: int = 0
+    seed: Int = 0
     path: Path | None = None
     train: TargetTrainConfig = TargetTrainConfig(
         steps=1000,
@@ -175,7 +180,7 @@ class DecomposeConfig(Cfg):
     leak: PosFloat = 0.01
     sampling: Literal["continuous", "binomial"] = "continuous"
     n_mask_samples: PosInt = 1
-    use_delta_component: bool = True
+    use_delta_component: Bool = True
     # A module whose target weight is the transpose of another decomposed module's (TMS tied
     # weights: linear2 = linear1^T) reuses that module's subcomponents transposed (one V, U pair
     # used twice, as the reference ties them), keeping its own CI function, so each matrix still
@@ -183,7 +188,7 @@ class DecomposeConfig(Cfg):
     # 3 of 3 tied runs recovered the ground truth; both untied runs (lr 1e-3, 3e-3) were left
     # with linear1 subcomponents that mix features.
     # False: decompose both independently.
-    tie_components: bool = True
+    tie_components: Bool = True
     faithfulness_warmup_steps: NonNegInt = 200
     faithfulness_warmup_lr: PosFloat = 0.01
     faithfulness_warmup_weight_decay: NonNegFloat = 0.1
@@ -194,7 +199,7 @@ class DecomposeConfig(Cfg):
     schedule: ScheduleConfig = ScheduleConfig(lr=1e-2, fn="cosine", final_frac=0.0)
     weight_decay: NonNegFloat = 0.0
     grad_clip_norm: PosFloat | None = None
-    seed: int = 0
+    seed: Int = 0
     log_every: PosInt = 100
     save_every: PosInt = 1000
     # Threshold for alive counts / CI-L0 in the decomposition metrics.
@@ -203,11 +208,11 @@ class DecomposeConfig(Cfg):
     eval_batch_size: PosInt = 4096
     # Ray Train scaling.
     num_workers: PosInt = 1
-    use_gpu: bool = False
+    use_gpu: Bool = False
     # CPUs each Ray Train worker reserves, and its torch threads. 1 by default: toy models are
     # too small for intra-op parallelism, and extra threads on a busy CPU slow them down a lot.
     cpus_per_worker: PosInt = 1
-    max_failures: int = Field(default=0, ge=-1)
+    max_failures: Int = Field(default=0, ge=-1)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> DecomposeConfig:
@@ -242,7 +247,7 @@ class ProfilesConfig(Cfg):
     dtype: Literal["float16", "float32"] = "float32"
     # Alive filter: a subcomponent is alive iff max_x g(x) > tau.
     tau: Fraction = 0.1
-    seed: int = 1
+    seed: Int = 1
     # Parallel harvest tasks at once (None: one per available CPU / GPU).
     max_concurrency: PosInt | None = None
     # Rows per forward pass inside a block (bounds activation memory for big models).
@@ -255,10 +260,10 @@ class ProfilesConfig(Cfg):
     executor: Literal["auto", "ray", "local"] = "auto"
     # zstd level of ci.zarr. On CI-like data (95% exact zeros) level 1 wrote ~7% faster than
     # level 3 and compressed better (14.5x vs 13.0x; bench/profiles_harvest.py data).
-    compression_level: Annotated[int, Field(ge=1, le=22)] = 1
+    compression_level: Annotated[int, Field(ge=1, le=22, strict=True)] = 1
     # Store each row's input in profiles/inputs.zarr (toys: the input vector; LMs: token ids,
     # sequence ids and positions).
-    save_inputs: bool = True
+    save_inputs: Bool = True
 
     @model_validator(mode="after")
     def _blocks_hold_whole_chunks(self) -> ProfilesConfig:
@@ -279,11 +284,11 @@ class GraphConfig(Cfg):
     # when a positive (or data-derived) threshold already removes chance edges — mutual k-NN
     # breaks every mechanism with more than ~k members into fragments (75 planted mechanisms of
     # 1–40 members, M = 3000: ARI 0.69–0.75 mutual vs 1.0 union, tests/spectral).
-    mutual: bool | Literal["auto"] = "auto"
+    mutual: Bool | Literal["auto"] = "auto"
     # Edges with correlation <= threshold are dropped before the k-NN selection.
     # "auto": derived from the data (chance level for this M and N, see
     # scalespd/graph/threshold.py); 0.0: the paper's plain ReLU clamp.
-    edge_threshold: NonNegFloat | Literal["auto"] = "auto"
+    edge_threshold: Annotated[float, Field(ge=0, lt=1, strict=True)] | Literal["auto"] = "auto"
     # Family-wise false-positive rate the automatic threshold allows over all N^2/2 pairs.
     null_alpha: Probability = 0.01
     # Tail model of a null (independent columns) correlation used by "auto": "bennett" bounds
@@ -294,7 +299,7 @@ class GraphConfig(Cfg):
     # "auto" never goes below the largest correlation among this many randomly chosen columns
     # after shuffling each column's rows independently (an empirical floor; 0 turns it off).
     null_perm_cols: NonNegInt = 1024
-    null_seed: int = 0
+    null_seed: Int = 0
     # Columns per tile (panel width). Memory per tile task ~ 2*row_chunk*tile_cols*4 B (panels)
     # + a few tile_cols^2*4 B (tile and its top-k scratch).
     tile_cols: PosInt = 4096
@@ -316,7 +321,7 @@ class SpectralConfig(Cfg):
     k_max: PosInt = 12
     mode: Literal["per_component", "largest_component"] = "per_component"
     # When the eigengap picks K_max itself, cluster each resulting cluster again.
-    recursive_split: bool = True
+    recursive_split: Bool = True
     max_depth: PosInt = 8
     # Extra eigenvalues beyond the K_max + 1 the eigengap needs, used only to notice components
     # with more than K_max clusters (their largest gap lies past K_max; with exactly K_max + 1
@@ -337,7 +342,7 @@ class SpectralConfig(Cfg):
     # "connected" = one cluster per connected set of them in the k-NN graph (isolated ones
     # become singletons).
     always_on_grouping: Literal["single", "connected"] = "single"
-    seed: int = 0
+    seed: Int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # On a GPU, components with at least this many nodes are solved there (eigensolver and
     # k-means); smaller ones stay on the CPU, where their solve costs less than a transfer.
@@ -390,7 +395,7 @@ class RunConfig(Cfg):
     """A whole run. `RunConfig()` is the built-in default (TMS 5-2, every stage, CPU)."""
 
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: int = 0
+    seed: Int = 0
     target: TargetConfig = TMSTargetConfig()
     decompose: DecomposeConfig = DecomposeConfig()
     profiles: ProfilesConfig = ProfilesConfig()
@@ -428,17 +433,76 @@ def parse_config(data: dict[str, Any] | None, source: str = "<dict>") -> RunConf
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's scalars and no duplicate keys.
+
+    PyYAML follows YAML 1.1: `yes`/`no`/`on`/`off` are booleans and `1e-3` (no dot) is a
+    string. Here only `true`/`false` are booleans and `1e-3` is a float, so that strict config
+    fields neither coerce nor reject what a user means. A key given twice in one mapping is an
+    error instead of silently keeping the last value."""
+
+
+# Drop 1.1's bool and float resolvers (keyed by first character), add the 1.2 core ones.
+_StrictLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers
+         if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode,
+                                deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (lines {seen[key]} and {line})",
+                key_node.start_mark)
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              _mapping_without_duplicates)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text with the strict rules of `_StrictLoader`."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | Path | None) -> RunConfig:
-    """Load a YAML run config; `None` gives the built-in default."""
+    """Load a YAML run config; `None` gives the built-in default.
+
+    An empty file is an error (it would silently run the default), as is a duplicate key."""
     if path is None:
         return RunConfig()
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err})") from None
+    try:
+        data = read_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty; write the fields to change (or run "
+                          "without a config file for the built-in default)")
     return parse_config(data, source=str(path))
 
 

@@ -8,10 +8,43 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from scalespd.config import RayConfig
+from scalespd.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+# Seconds to wait for a Ray head's port to answer before calling its address unreachable.
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def cluster_address(cfg: RayConfig | None = None) -> tuple[str | None, str]:
+    """(the Ray address to connect to or None for a local Ray, where it came from)."""
+    cfg = cfg or RayConfig()
+    if cfg.address:
+        return cfg.address, "ray.address"
+    env = os.environ.get("RAY_ADDRESS")
+    return (env, "$RAY_ADDRESS") if env else (None, "")
+
+
+def check_reachable(cfg: RayConfig | None = None) -> None:
+    """Fail fast, naming the setting, when a `host:port` Ray address does not answer (Ray
+    itself waits ~25 s and then raises a ConnectionError that names no setting). "auto" and
+    `ray://` client addresses are left to Ray."""
+    address, source = cluster_address(cfg)
+    if address is None or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{source} {address!r}: expected host:port (e.g. 10.0.0.1:6379), "
+                          "'auto' or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"{source} {address!r}: no Ray head answers there ({err}); start "
+                          "the cluster, fix the address, or unset it to run locally") from None
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
@@ -24,11 +57,12 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address, _ = cluster_address(cfg)
     # Quiet the per-worker log forwarding of library warnings; stage logs go through logging.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address:
         log.info("connecting to Ray at %s", address)
+        check_reachable(cfg)
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus)

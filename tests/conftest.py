@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
+from pathlib import Path
 
 import pytest
+
+from scalespd import run as runmod
+from scalespd.config import RunConfig
 
 # Two cores: keep torch from oversubscribing them when Ray workers also run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -20,3 +26,25 @@ def ray_local():
                  log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Stand-in stage modules (each writes run_dir/<stage>/done.txt and records its call), so
+    the orchestrator is tested independently of the real stages."""
+    calls: list[str] = []
+    for stage in runmod.STAGES:
+        mod = types.ModuleType(f"fake_{stage}")
+
+        def run(cfg: RunConfig, run_dir: Path, _stage: str = stage) -> dict:
+            calls.append(_stage)
+            out = run_dir / _stage
+            out.mkdir(exist_ok=True)
+            (out / "done.txt").write_text(str(len(calls)))
+            return {"ok": True}
+
+        mod.run = run  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, f"fake_{stage}", mod)
+        monkeypatch.setitem(runmod.STAGE_MODULES, stage, f"fake_{stage}")
+    monkeypatch.setattr(runmod, "validate_run", lambda cfg: None)
+    return calls

@@ -118,3 +118,126 @@ def test_more_workers_than_local_cpus_is_a_clear_error(
     assert rc == 2
     assert "decompose.num_workers" in err and f"local Ray has {cpus}" in err
     assert not (run_dir / "decompose" / "ray").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Failures a user can cause or fix: one `error:` line, exit 2; Ctrl-C: exit 130
+# --------------------------------------------------------------------------------------------
+
+
+def _one_error_line(err: str) -> str:
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert lines and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("graph:\n  k: 5\ngraph:\n  k: 6\n", "duplicate key 'graph' (lines 1 and 3)"),
+        ("decompose:\n  steps: true\n", "decompose.steps: Input should be a valid integer"),
+        ("decompose:\n  use_gpu: \"yes\"\n", "decompose.use_gpu: Input should be a valid boolean"),
+        ("decompose:\n  use_gpu: yes\n", "decompose.use_gpu: Input should be a valid boolean"),
+        ("graph:\n  edge_threshold: 2\n", "graph.edge_threshold"),
+    ],
+    ids=["empty", "comment-only", "duplicate-key", "bool-as-int", "quoted-yes", "yaml11-yes",
+         "threshold-above-1"],
+)
+def test_strict_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                     expected: str) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    rc, err = _main([str(cfg), "--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 2
+    assert expected in _one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string; the strict loader reads it as a number."""
+    from scalespd.config import load_config  # noqa: PLC0415
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("decompose:\n  schedule: {lr: 1e-3}\n")
+    assert load_config(cfg).decompose.schedule.lr == 1e-3
+
+
+def test_config_path_that_is_a_directory(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _main([str(tmp_path), "--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 2 and "is a directory; expected a YAML file" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_run_dir_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  fake_stages: list[str], where: str) -> None:
+    (tmp_path / "f").write_text("x")
+    run_dir = tmp_path / "f" if where == "file" else tmp_path / "f" / "run"
+    rc, err = _main(["--run-dir", str(run_dir)], capsys)
+    assert rc == 2 and f"--run-dir {run_dir}" in _one_error_line(err)
+
+
+def test_missing_target_path_is_refused_before_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _write(tmp_path, {"target": {**TINY_TARGET, "path": str(tmp_path / "nope")}})
+    rc, err = _main([str(cfg), "--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 2 and "target.path" in _one_error_line(err) and "nope" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_ray_address_is_refused_fast(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _write(tmp_path, {"target": TINY_TARGET, "ray": {"address": f"127.0.0.1:{port}"}})
+    rc, err = _main([str(cfg), "--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 2 and f"ray.address '127.0.0.1:{port}'" in _one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_is_one_line_and_recorded(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_stages: list[str]) -> None:
+    import errno  # noqa: PLC0415
+
+    full = tmp_path / "run" / "profiles" / "ci.zarr" / "c0"
+
+    def disk_full(cfg: object, run_dir: Path) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device", str(full))
+
+    sys.modules["fake_profiles"].run = disk_full
+    rc, err = _main(["--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 2
+    assert f"error: {full}: the disk is full; free space and re-run" in _one_error_line(err)
+    rec = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["profiles"]
+    assert rec["status"] == "failed" and "No space left on device" in rec["error"]
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_stages: list[str]) -> None:
+
+    def ctrl_c(cfg: object, run_dir: Path) -> dict:
+        raise KeyboardInterrupt
+
+    sys.modules["fake_graph"].run = ctrl_c
+    rc, err = _main(["--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 130
+    assert "interrupted; re-run the same command to resume" in err and "Traceback" not in err
+    rec = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["graph"]
+    assert rec["status"] == "interrupted"
+
+
+def test_internal_bug_keeps_its_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fake_stages: list[str]) -> None:
+
+    def bug(cfg: object, run_dir: Path) -> dict:
+        return {}["no such key"]
+
+    sys.modules["fake_spectral"].run = bug
+    with pytest.raises(KeyError, match="no such key"):
+        runmod.main(["--run-dir", str(tmp_path / "run")])
