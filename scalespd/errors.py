@@ -37,6 +37,11 @@ class RunDirError(UserError):
     """The run directory holds something this run must not overwrite or cannot use."""
 
 
+class StageInputError(UserError, ValueError):
+    """What a stage reads (an earlier stage's output) is missing, unfinished, inconsistent or
+    holds nothing to work on; the message names the file and the stage to re-run."""
+
+
 class StorageError(UserError):
     """Writing or reading a file failed for a reason the user fixes (disk full, permissions).
 

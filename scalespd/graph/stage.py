@@ -19,6 +19,7 @@ import numpy as np
 
 from scalespd.backend import resolve_device
 from scalespd.config import RunConfig
+from scalespd.errors import StageInputError
 from scalespd.graph.build import SUMMARY, GraphResult, build_graph
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,13 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     X = open_profiles(profiles_dir)
     table = read_components(profiles_dir)
     if len(table) != X.shape[1]:
-        raise ValueError(
+        raise StageInputError(
             f"{profiles_dir / 'components.csv'} has {len(table)} rows but the profiles array "
             f"has {X.shape[1]} columns; re-run the profiles stage"
         )
     columns = np.sort(table.loc[table["alive"], "component"].to_numpy(dtype=np.int64))
     if columns.size == 0:
-        raise ValueError(
+        raise StageInputError(
             f"graph: no alive subcomponents in {profiles_dir / 'components.csv'} (all "
             f"{len(table)} have max CI <= profiles.tau = {cfg.profiles.tau}); lower "
             "profiles.tau or train the decomposition longer"

@@ -16,12 +16,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scalespd.errors import StageInputError
+
 COMPONENT_COLUMNS = ("component", "name", "layer", "module", "module_type", "alive")
 CLUSTER_COLUMNS = ("component", "name", "layer", "module", "alive", "connected_component",
                    "cluster")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(StageInputError):
     """An earlier stage's output is missing or not in the expected format."""
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from scalespd.backend import resolve_device
 from scalespd.config import RunConfig
+from scalespd.errors import StageInputError
 from scalespd.graph import GraphResult
 from scalespd.jsonio import write_json_atomic
 from scalespd.spectral.clustering import (
@@ -37,7 +38,7 @@ def check_graph_matches(graph: GraphResult, meta: pd.DataFrame, source: str) -> 
     """The graph's nodes must be exactly the alive rows of the component table."""
     alive = np.sort(meta.loc[meta["alive"].astype(bool), "component"].to_numpy(np.int64))
     if not np.array_equal(np.sort(graph.columns), alive):
-        raise ValueError(
+        raise StageInputError(
             f"{source}: the graph's {graph.columns.size} nodes are not the {alive.size} alive "
             "components of profiles/components.csv (re-run the graph stage)"
         )

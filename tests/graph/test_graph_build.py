@@ -283,8 +283,11 @@ def test_stage_with_no_alive_columns_is_a_clear_error(tmp_path) -> None:
     from scalespd.config import RunConfig
     from scalespd.graph import stage
 
+    from scalespd.errors import UserError
+
     _harvest_profiles(tmp_path, tau=1.0)
-    with pytest.raises(ValueError, match="no alive subcomponents"):
+    # A UserError: the CLI prints it as one `error:` line (exit 2), not a traceback.
+    with pytest.raises(UserError, match="no alive subcomponents"):
         stage.run(RunConfig(), tmp_path)
     assert not (tmp_path / "graph").exists()
 
