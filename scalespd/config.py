@@ -30,9 +30,10 @@ Probability = Annotated[float, Field(gt=0, le=1, strict=True)]
 
 
 class Cfg(BaseModel):
-    """Base of all config models: frozen, unknown keys rejected."""
+    """Base of all config models: frozen, unknown keys rejected. Each field's docstring is its
+    description (`--show-config`, docs/config.md)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,9 +46,13 @@ class ScheduleConfig(Cfg):
     to `lr * final_frac` (the SPD reference's `get_scheduled_value`)."""
 
     lr: PosFloat
+    """Peak learning rate (reached after the warm-up)."""
     fn: Literal["constant", "linear", "cosine"] = "constant"
+    """Shape of the decay after the warm-up: constant, linear or cosine down to lr * final_frac."""
     warmup_pct: Annotated[float, Field(ge=0, lt=1, strict=True)] = 0.0
+    """Fraction of the steps spent warming up linearly from 0 to lr."""
     final_frac: Fraction = 1.0
+    """Learning rate at the last step as a fraction of lr (1.0 for a constant schedule)."""
 
     @model_validator(mode="after")
     def _constant_has_no_decay(self) -> ScheduleConfig:
@@ -60,9 +65,13 @@ class TargetTrainConfig(Cfg):
     """Recipe for training a toy target model (digest §1.3)."""
 
     steps: PosInt
+    """Optimisation steps of target training."""
     batch_size: PosInt
+    """Samples per training step."""
     schedule: ScheduleConfig
+    """Learning-rate schedule of target training (AdamW)."""
     weight_decay: NonNegFloat = 0.01
+    """AdamW weight decay of target training."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,23 +86,32 @@ class TMSTargetConfig(Cfg):
     `linear2` (W^T when tied, with bias)."""
 
     kind: Literal["tms"] = "tms"
+    """Selects this target type."""
     n_features: PosInt = 5
+    """Number of sparse input features (the toy's n)."""
     n_hidden: PosInt = 2
+    """Width of the bottleneck (the toy's m < n)."""
     n_identity_layers: NonNegInt = 0
+    """Fixed identity matrices inserted in the bottleneck (the "TMS + identity" variants); each is
+    a decomposable module `hidden_layers.{i}`."""
     tied_weights: Bool = True
-    # Start the output bias b at 0. The reference recipe uses torch's default bias init
-    # (U(+-1/sqrt(n_hidden))) for 5-2 and zero for 40-10; with the default init, features whose
-    # bias starts negative never switch on (measured: 9 of 10 seeds of TMS 5-2 end with dead
-    # features), so zero is the default here for every size. Set false for the exact recipe.
+    """Use W^T as the decoder (`linear2`), as in the papers' TMS."""
     init_bias_to_zero: Bool = True
+    """Start the output bias b at 0. The reference recipe uses torch's default bias init
+    (U(+-1/sqrt(n_hidden))) for 5-2 and zero for 40-10; with the default init, features whose
+    bias starts negative never switch on (measured: 9 of 10 seeds of TMS 5-2 end with dead
+    features), so zero is the default here for every size. Set false for the exact recipe."""
     feature_probability: Probability = 0.05
+    """Probability that each feature is active in a training sample (values uniform in [0, 1])."""
     seed: Int = 0
-    # Load a trained target from this directory (as written by the target stage) instead of
-    # training one.
+    """Seed of the target's initialisation and training data."""
     path: Path | None = None
+    """Load a trained target from this directory (as written by the target stage) instead of
+    training one."""
     train: TargetTrainConfig = TargetTrainConfig(
         steps=10_000, batch_size=1024, schedule=ScheduleConfig(lr=5e-3)
     )
+    """Training recipe of the target."""
 
 
 class ResidMLPTargetConfig(Cfg):
@@ -103,21 +121,34 @@ class ResidMLPTargetConfig(Cfg):
     Modules: `layers.{i}.mlp_in`, `layers.{i}.mlp_out`."""
 
     kind: Literal["resid_mlp"] = "resid_mlp"
+    """Selects this target type."""
     n_features: PosInt = 100
+    """Number of sparse input features, each to be computed by the MLPs."""
     d_embed: PosInt = 1000
+    """Width of the residual stream."""
     d_mlp: PosInt = 50
+    """Hidden width of each layer's MLP (fewer neurons than features: compressed computation)."""
     n_layers: PosInt = 1
+    """Number of residual MLP layers."""
     act: Literal["relu", "gelu"] = "relu"
+    """Activation of the MLPs."""
     in_bias: Bool = False
+    """Give `mlp_in` a bias."""
     out_bias: Bool = False
+    """Give `mlp_out` a bias."""
     feature_probability: Probability = 0.01
+    """Probability that each feature is active in a training sample (values uniform in [-1, 1])."""
     seed: Int = 0
+    """Seed of the target's initialisation (embedding included) and training data."""
     path: Path | None = None
+    """Load a trained target from this directory (as written by the target stage) instead of
+    training one."""
     train: TargetTrainConfig = TargetTrainConfig(
         steps=1000,
         batch_size=2048,
         schedule=ScheduleConfig(lr=3e-3, fn="cosine", final_frac=0.0),
     )
+    """Training recipe of the target."""
 
 
 TargetConfig = Annotated[TMSTargetConfig | ResidMLPTargetConfig, Field(discriminator="kind")]
@@ -133,7 +164,9 @@ class ModuleSpec(Cfg):
     subcomponents."""
 
     pattern: str = Field(min_length=1)
+    """fnmatch pattern over the target's dotted module paths (e.g. `layers.*.mlp_in`)."""
     C: PosInt
+    """Number of rank-one subcomponents of each matching module."""
 
 
 class LossConfig(Cfg):
@@ -141,15 +174,27 @@ class LossConfig(Cfg):
     importance-minimality exponent with optional linear p-annealing."""
 
     faithfulness: NonNegFloat = 0.0
+    """Coefficient of the faithfulness loss (sum of the subcomponents vs. the target weights); 0
+    with the delta component, which makes it exact."""
     stochastic_recon: NonNegFloat = 1.0
+    """Coefficient of the stochastic reconstruction loss, all modules masked at once (beta1)."""
     stochastic_recon_layerwise: NonNegFloat = 1.0
+    """Coefficient of the layer-wise stochastic reconstruction loss, one module masked at a time
+    (beta2)."""
     importance_minimality: NonNegFloat = 3e-3
+    """Coefficient of the importance-minimality loss, sum of (g + eps)^p (beta3)."""
     p: PosFloat = 1.0
+    """Exponent p of the importance-minimality loss (at the start of annealing)."""
     p_anneal_final: PosFloat | None = None
+    """If set, p is annealed linearly to this value between the two fractions below."""
     p_anneal_start_frac: Fraction = 1.0
+    """Fraction of the steps at which p-annealing starts."""
     p_anneal_end_frac: Fraction = 1.0
+    """Fraction of the steps at which p-annealing ends."""
     eps: PosFloat = 1e-12
+    """Added to the importances before the power p (keeps the gradient finite at 0 for p < 1)."""
     output: Literal["mse", "kl"] = "mse"
+    """Distance between the masked and the target outputs: MSE (toys) or KL (language models)."""
 
     @model_validator(mode="after")
     def _anneal_order(self) -> LossConfig:
@@ -169,50 +214,76 @@ class DecomposeConfig(Cfg):
         default=[ModuleSpec(pattern="linear1", C=20), ModuleSpec(pattern="linear2", C=20)],
         min_length=1,
     )
+    """Which modules of the target to decompose, and into how many rank-one subcomponents each."""
     ci_fn: Literal["mlp", "vector_mlp", "shared_mlp"] = "mlp"
+    """Causal-importance function: `mlp` = one scalar MLP per subcomponent reading its own inner
+    activation (the SPD paper); `vector_mlp` = one MLP per subcomponent reading the module
+    input; `shared_mlp` = one MLP per module with C outputs."""
     ci_hidden: list[PosInt] = [16]
-    # "leaky_hard": lower-leaky hard sigmoid for masks, upper-leaky for the minimality loss.
-    # "hard": clamp(x, 0, 1) for both.
+    """Hidden widths of the CI function MLPs (GELU between layers)."""
     sigmoid: Literal["leaky_hard", "hard"] = "leaky_hard"
-    # Lower-leaky variant: the reference code's clamp forward with a straight-through leaky
-    # backward, or the SPD paper's forward leak 0.01x below 0 (digest §2.4 [!]).
+    """`leaky_hard`: lower-leaky hard sigmoid for masks, upper-leaky for the minimality loss;
+    `hard`: clamp(x, 0, 1) for both."""
     lower_leaky: Literal["straight_through", "forward"] = "straight_through"
+    """Lower-leaky variant: the reference code's clamp forward with a straight-through leaky
+    backward, or the SPD paper's forward leak 0.01x below 0 (digest §2.4 [!])."""
     leak: PosFloat = 0.01
+    """Slope of the leaky part of the leaky hard sigmoids."""
     sampling: Literal["continuous", "binomial"] = "continuous"
+    """How stochastic masks are drawn from the importances: continuous m = g + (1 - g) u with u ~
+    U(0, 1), or binomial."""
     n_mask_samples: PosInt = 1
+    """Mask samples per step for the stochastic reconstruction losses (S)."""
     use_delta_component: Bool = True
-    # A module whose target weight is the transpose of another decomposed module's (TMS tied
-    # weights: linear2 = linear1^T) reuses that module's subcomponents transposed (one V, U pair
-    # used twice, as the reference ties them), keeping its own CI function, so each matrix still
-    # has its own C subcomponents and alive count. Measured on TMS 5-2 (batch 1024, 3000 steps):
-    # 3 of 3 tied runs recovered the ground truth; both untied runs (lr 1e-3, 3e-3) were left
-    # with linear1 subcomponents that mix features.
-    # False: decompose both independently.
+    """Add the residual W - sum(subcomponents) as an extra, stochastically masked component, so
+    that the faithfulness loss can be dropped."""
     tie_components: Bool = True
+    """A module whose target weight is the transpose of another decomposed module's (TMS tied
+    weights: linear2 = linear1^T) reuses that module's subcomponents transposed (one V, U pair
+    used twice, as the reference ties them), keeping its own CI function, so each matrix still
+    has its own C subcomponents and alive count. Measured on TMS 5-2 (batch 1024, 3000 steps): 3
+    of 3 tied runs recovered the ground truth; both untied runs (lr 1e-3, 3e-3) were left with
+    linear1 subcomponents that mix features. False: decompose both independently."""
     faithfulness_warmup_steps: NonNegInt = 200
+    """Steps that fit the subcomponents to the target weights (faithfulness only) before SPD
+    training."""
     faithfulness_warmup_lr: PosFloat = 0.01
+    """Learning rate of the faithfulness warm-up."""
     faithfulness_warmup_weight_decay: NonNegFloat = 0.1
+    """Weight decay of the faithfulness warm-up."""
     loss: LossConfig = LossConfig()
+    """Loss coefficients and the importance-minimality exponent."""
     steps: PosInt = 2000
-    # Global batch size; each of `num_workers` DDP ranks draws batch_size / num_workers.
+    """SPD optimisation steps."""
     batch_size: PosInt = 512
+    """Global batch size; each of `num_workers` DDP ranks draws batch_size / num_workers."""
     schedule: ScheduleConfig = ScheduleConfig(lr=1e-2, fn="cosine", final_frac=0.0)
+    """Learning-rate schedule of SPD training (AdamW)."""
     weight_decay: NonNegFloat = 0.0
+    """AdamW weight decay of SPD training."""
     grad_clip_norm: PosFloat | None = None
+    """Clip the global gradient norm to this value (None: no clipping)."""
     seed: Int = 0
+    """Seed of the subcomponent and CI-function initialisation, the training batches and the
+    masks."""
     log_every: PosInt = 100
+    """Log (and report to Ray Train) every this many steps."""
     save_every: PosInt = 1000
-    # Threshold for alive counts / CI-L0 in the decomposition metrics.
+    """Evaluate and checkpoint every this many steps (resume granularity)."""
     ci_alive_threshold: Fraction = 0.1
-    # Size of the fixed evaluation batch of the decomposition metrics.
+    """Threshold for alive counts / CI-L0 in the decomposition metrics."""
     eval_batch_size: PosInt = 4096
-    # Ray Train scaling.
+    """Size of the fixed evaluation batch of the decomposition metrics."""
     num_workers: PosInt = 1
+    """Ray Train workers (DDP ranks); each draws batch_size / num_workers samples per step."""
     use_gpu: Bool = False
-    # CPUs each Ray Train worker reserves, and its torch threads. 1 by default: toy models are
-    # too small for intra-op parallelism, and extra threads on a busy CPU slow them down a lot.
+    """Give every Ray Train worker one GPU."""
     cpus_per_worker: PosInt = 1
+    """CPUs each Ray Train worker reserves, and its torch threads. 1 by default: toy models are too
+    small for intra-op parallelism, and extra threads on a busy CPU slow them down a lot."""
     max_failures: Int = Field(default=0, ge=-1)
+    """Worker-group restarts Ray Train may make after a worker fails (-1: unlimited); each restart
+    resumes from the newest checkpoint."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> DecomposeConfig:
@@ -235,35 +306,42 @@ class DecomposeConfig(Cfg):
 class ProfilesConfig(Cfg):
     """Harvest of the (M, N) causal-importance matrix into chunked zarr."""
 
-    n_samples: PosInt = 4096  # M
-    # "train": inputs from the target's data distribution; "structured": the clustering paper's
-    # TMS evaluation set (a block of `samples_per_feature` rows per feature).
+    n_samples: PosInt = 4096
+    """Rows M of the profile matrix: inputs (toys) the CIs are recorded on."""
     dataset: Literal["train", "structured"] = "train"
+    """"train": inputs from the target's data distribution; "structured": the clustering paper's
+    TMS evaluation set (a block of `samples_per_feature` rows per feature)."""
     samples_per_feature: PosInt = 200
+    """Rows per feature block of the `structured` dataset."""
     chunk_rows: PosInt = 4096
+    """Rows per chunk of ci.zarr."""
     chunk_cols: PosInt = 1024
-    # Rows per harvest task; a multiple of chunk_rows so writers own whole chunks.
+    """Columns per chunk of ci.zarr."""
     block_rows: PosInt = 4096
+    """Rows per harvest task; a multiple of chunk_rows so writers own whole chunks."""
     dtype: Literal["float16", "float32"] = "float32"
-    # Alive filter: a subcomponent is alive iff max_x g(x) > tau.
+    """Storage dtype of ci.zarr."""
     tau: Fraction = 0.1
+    """Alive filter: a subcomponent is alive iff max_x g(x) > tau."""
     seed: Int = 1
-    # Parallel harvest tasks at once (None: one per available CPU / GPU).
+    """Seed of the harvested inputs' random stream (1 by default so that it differs from
+    decompose.seed's default 0, whose stream feeds SPD training)."""
     max_concurrency: PosInt | None = None
-    # Rows per forward pass inside a block (bounds activation memory for big models).
+    """Parallel harvest tasks at once (None: one per available CPU / GPU)."""
     batch_rows: PosInt = 4096
-    # Where the CI forward runs: "auto" picks CUDA when torch sees a GPU.
+    """Rows per forward pass inside a block (bounds activation memory for big models)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # "ray": blocks run on Ray actors that keep the model loaded; "local": in this process;
-    # "auto": Ray when more than one block and >= 2**26 CI values are left to compute (actor
-    # start-up costs seconds that toy-sized harvests do not repay), else local.
+    """Where the CI forward runs: "auto" picks CUDA when torch sees a GPU."""
     executor: Literal["auto", "ray", "local"] = "auto"
-    # zstd level of ci.zarr. On CI-like data (95% exact zeros) level 1 wrote ~7% faster than
-    # level 3 and compressed better (14.5x vs 13.0x; bench/profiles_harvest.py data).
+    """"ray": blocks run on Ray actors that keep the model loaded; "local": in this process;
+    "auto": Ray when more than one block and >= 2**26 CI values are left to compute (actor
+    start-up costs seconds that toy-sized harvests do not repay), else local."""
     compression_level: Annotated[int, Field(ge=1, le=22, strict=True)] = 1
-    # Store each row's input in profiles/inputs.zarr (toys: the input vector; LMs: token ids,
-    # sequence ids and positions).
+    """zstd level of ci.zarr. On CI-like data (95% exact zeros) level 1 wrote ~7% faster than level
+    3 and compressed better (14.5x vs 13.0x; bench/profiles_harvest.py data)."""
     save_inputs: Bool = True
+    """Store each row's input in profiles/inputs.zarr (toys: the input vector; LMs: token ids,
+    sequence ids and positions)."""
 
     @model_validator(mode="after")
     def _blocks_hold_whole_chunks(self) -> ProfilesConfig:
@@ -279,33 +357,36 @@ class GraphConfig(Cfg):
     """Tiled Pearson correlation -> running top-k -> (mutual) k-NN graph -> components."""
 
     k: PosInt = 10
-    # true: keep (i, j) only if each is in the other's top-k (the paper's mutual k-NN);
-    # false: the union of the k-NN lists. "auto": mutual with the paper's edge_threshold 0, union
-    # when a positive (or data-derived) threshold already removes chance edges — mutual k-NN
-    # breaks every mechanism with more than ~k members into fragments (75 planted mechanisms of
-    # 1–40 members, M = 3000: ARI 0.69–0.75 mutual vs 1.0 union, tests/spectral).
+    """Neighbours kept per node in the k-NN graph."""
     mutual: Bool | Literal["auto"] = "auto"
-    # Edges with correlation <= threshold are dropped before the k-NN selection.
-    # "auto": derived from the data (chance level for this M and N, see
-    # scalespd/graph/threshold.py); 0.0: the paper's plain ReLU clamp.
+    """true: keep (i, j) only if each is in the other's top-k (the paper's mutual k-NN); false: the
+    union of the k-NN lists. "auto": mutual with the paper's edge_threshold 0, union when a
+    positive (or data-derived) threshold already removes chance edges — mutual k-NN breaks every
+    mechanism with more than ~k members into fragments (75 planted mechanisms of 1–40 members, M
+    = 3000: ARI 0.69–0.75 mutual vs 1.0 union, tests/spectral)."""
     edge_threshold: Annotated[float, Field(ge=0, lt=1, strict=True)] | Literal["auto"] = "auto"
-    # Family-wise false-positive rate the automatic threshold allows over all N^2/2 pairs.
+    """Edges with correlation <= threshold are dropped before the k-NN selection. "auto": derived
+    from the data (chance level for this M and N, see scalespd/graph/threshold.py); 0.0: the
+    paper's plain ReLU clamp."""
     null_alpha: Probability = 0.01
-    # Tail model of a null (independent columns) correlation used by "auto": "bennett" bounds
-    # the row-permutation null from each column's largest |z| (right for sparse, spiky
-    # profiles, conservative for dense Gaussian ones); "gaussian" assumes normal data (t-test
-    # quantile) and under-estimates the tail of sparse profiles.
+    """Family-wise false-positive rate the automatic threshold allows over all N^2/2 pairs."""
     null_model: Literal["bennett", "gaussian"] = "bennett"
-    # "auto" never goes below the largest correlation among this many randomly chosen columns
-    # after shuffling each column's rows independently (an empirical floor; 0 turns it off).
+    """Tail model of a null (independent columns) correlation used by "auto": "bennett" bounds the
+    row-permutation null from each column's largest |z| (right for sparse, spiky profiles,
+    conservative for dense Gaussian ones); "gaussian" assumes normal data (t-test quantile) and
+    under-estimates the tail of sparse profiles."""
     null_perm_cols: NonNegInt = 1024
+    """"auto" never goes below the largest correlation among this many randomly chosen columns
+    after shuffling each column's rows independently (an empirical floor; 0 turns it off)."""
     null_seed: Int = 0
-    # Columns per tile (panel width). Memory per tile task ~ 2*row_chunk*tile_cols*4 B (panels)
-    # + a few tile_cols^2*4 B (tile and its top-k scratch).
+    """Seed of the row permutations of the empirical null floor."""
     tile_cols: PosInt = 4096
-    # Rows read (and z-scored) at once; tiles accumulate over row chunks when M is larger.
+    """Columns per tile (panel width). Memory per tile task ~ 2*row_chunk*tile_cols*4 B (panels) +
+    a few tile_cols^2*4 B (tile and its top-k scratch)."""
     row_chunk: PosInt = 16384
+    """Rows read (and z-scored) at once; tiles accumulate over row chunks when M is larger."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the correlation tiles are computed: `auto` uses CUDA (CuPy) when available."""
 
     @property
     def use_mutual(self) -> bool:
@@ -319,64 +400,74 @@ class SpectralConfig(Cfg):
     """Spectral clustering of each connected component (or of the largest one)."""
 
     k_max: PosInt = 12
+    """Largest number of clusters the eigengap may choose per connected component."""
     mode: Literal["per_component", "largest_component"] = "per_component"
-    # When the eigengap picks K_max itself, cluster each resulting cluster again.
+    """`per_component`: cluster every connected component; `largest_component`: the paper's §4
+    variant (cluster the largest component, assign every other alive node to the cluster it
+    correlates with most)."""
     recursive_split: Bool = True
+    """When the eigengap picks K_max itself, cluster each resulting cluster again."""
     max_depth: PosInt = 8
-    # Extra eigenvalues beyond the K_max + 1 the eigengap needs, used only to notice components
-    # with more than K_max clusters (their largest gap lies past K_max; with exactly K_max + 1
-    # eigenvalues it hides among noise-sized gaps): those get K = K_max and a recursive split.
-    # 0 = the paper's rule alone.
+    """Deepest level of recursive splits."""
     eigengap_lookahead: NonNegInt = 12
+    """Extra eigenvalues beyond the K_max + 1 the eigengap needs, used only to notice components
+    with more than K_max clusters (their largest gap lies past K_max; with exactly K_max + 1
+    eigenvalues it hides among noise-sized gaps): those get K = K_max and a recursive split. 0 =
+    the paper's rule alone."""
     kmeans_n_init: PosInt = 10
-    # Components up to this size use a dense eigensolver (CPU); larger ones ARPACK shift-invert,
-    # which on these sparse graphs is already faster from ~100 nodes on (bench/spectral_bench.py).
+    """k-means restarts on the spectral embedding."""
     dense_max_nodes: PosInt = 100
-    # Small components are packed into Ray tasks of at least this much estimated work.
+    """Components up to this size use a dense eigensolver (CPU); larger ones ARPACK shift-invert,
+    which on these sparse graphs is already faster from ~100 nodes on (bench/spectral_bench.py)."""
     min_task_seconds: PosFloat = 0.05
-    # Subcomponents active (CI > tau) on more than this fraction of inputs form their own
-    # "always-on" group before clustering (None: off, as in the paper).
+    """Small components are packed into Ray tasks of at least this much estimated work."""
     always_on_fraction: Probability | None = None
-    # How the always-on subcomponents are grouped: "single" = one cluster of all of them (the
-    # paper's expected TMS 5-2+ID identity cluster, ResidMLP's identity-projection cluster);
-    # "connected" = one cluster per connected set of them in the k-NN graph (isolated ones
-    # become singletons).
+    """Subcomponents active (CI > tau) on more than this fraction of inputs form their own "always-
+    on" group before clustering (None: off, as in the paper)."""
     always_on_grouping: Literal["single", "connected"] = "single"
+    """How the always-on subcomponents are grouped: "single" = one cluster of all of them (the
+    paper's expected TMS 5-2+ID identity cluster, ResidMLP's identity-projection cluster);
+    "connected" = one cluster per connected set of them in the k-NN graph (isolated ones become
+    singletons)."""
     seed: Int = 0
+    """Seed of k-means and the eigensolver's start vector."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # On a GPU, components with at least this many nodes are solved there (eigensolver and
-    # k-means); smaller ones stay on the CPU, where their solve costs less than a transfer.
+    """Where large components are solved: `auto` uses CUDA (CuPy, cuML if installed) when
+    available."""
     gpu_min_nodes: PosInt = 512
+    """On a GPU, components with at least this many nodes are solved there (eigensolver and
+    k-means); smaller ones stay on the CPU, where their solve costs less than a transfer."""
 
 
 class ReportConfig(Cfg):
     """The HTML report and summary.json."""
 
-    # Alive components shown in the correlation heatmap (largest clusters first); the same
-    # columns give the within/between-cluster mean correlation, so this also bounds that cost.
     max_heatmap_nodes: PosInt = 2000
-    # Profile rows read for those correlations (the first rows of ci.zarr).
+    """Alive components shown in the correlation heatmap (largest clusters first); the same columns
+    give the within/between-cluster mean correlation, so this also bounds that cost."""
     max_profile_rows: PosInt = 20_000
-    # Eigenvalue spectra plotted, for the largest connected components.
+    """Profile rows read for those correlations (the first rows of ci.zarr)."""
     n_spectra: PosInt = 6
-    # Rows of the cluster table in index.html (largest clusters first); summary.json has all.
+    """Eigenvalue spectra plotted, for the largest connected components."""
     max_table_rows: PosInt = 300
-    # Member names listed per cluster in the HTML table.
+    """Rows of the cluster table in index.html (largest clusters first); summary.json has all."""
     max_members_listed: PosInt = 40
-    # Ground truth (toy targets): causal importances on one-hot inputs x_i = onehot_value
-    # (the SPD papers' CI-heatmap convention).
+    """Member names listed per cluster in the HTML table."""
     onehot_value: PosFloat = 0.75
-    # A subcomponent "serves" a one-hot input when its CI there exceeds this (None: profiles.tau).
+    """Ground truth (toy targets): causal importances on one-hot inputs x_i = onehot_value (the SPD
+    papers' CI-heatmap convention)."""
     gt_tau: Fraction | None = None
-    # Served by more than this fraction of the one-hot inputs -> "dense" (TMS identity,
-    # ResidMLP mlp_out), not assigned to one feature.
+    """A subcomponent "serves" a one-hot input when its CI there exceeds this (None:
+    profiles.tau)."""
     dense_fraction: Fraction = 0.5
-    # Best and second-best one-hot CI closer than this -> a tie: no single feature assigned.
+    """Served by more than this fraction of the one-hot inputs -> "dense" (TMS identity, ResidMLP
+    mlp_out), not assigned to one feature."""
     tie_tol: NonNegFloat = 1e-3
-    # "Report both": when dense/always-on subcomponents exist, the report also scores the other
-    # always-on setting. If spectral.always_on_fraction is None the alternative clustering uses
-    # this fraction; if it is set, the alternative is the paper's setting (None).
+    """Best and second-best one-hot CI closer than this -> a tie: no single feature assigned."""
     always_on_fraction_alt: Probability = 0.5
+    """"Report both": when dense/always-on subcomponents exist, the report also scores the other
+    always-on setting. If spectral.always_on_fraction is None the alternative clustering uses
+    this fraction; if it is set, the alternative is the paper's setting (None)."""
 
 
 class RayConfig(Cfg):
@@ -386,23 +477,34 @@ class RayConfig(Cfg):
     in-process on this node."""
 
     address: str | None = None
+    """Address of a Ray cluster (host:port, `auto` or ray://host:port)."""
     num_cpus: PosInt | None = None
+    """CPUs of a local Ray (None: all of this machine's)."""
     num_gpus: NonNegInt | None = None
+    """GPUs of a local Ray (None: all visible ones)."""
     object_store_memory: PosInt | None = 500_000_000
+    """Object store bytes of a local Ray (None: Ray's default, a share of the memory)."""
 
 
 class RunConfig(Cfg):
     """A whole run. `RunConfig()` is the built-in default (TMS 5-2, every stage, CPU)."""
 
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: Int = 0
+    """Name of the run; the default run directory is runs/<name>."""
     target: TargetConfig = TMSTargetConfig()
+    """The model to decompose (`kind` selects the type)."""
     decompose: DecomposeConfig = DecomposeConfig()
+    """SPD training."""
     profiles: ProfilesConfig = ProfilesConfig()
+    """Harvest of the causal-importance profiles."""
     graph: GraphConfig = GraphConfig()
+    """Correlation k-NN graph."""
     spectral: SpectralConfig = SpectralConfig()
+    """Spectral clustering."""
     report: ReportConfig = ReportConfig()
+    """Report and summary."""
     ray: RayConfig = RayConfig()
+    """How to reach Ray."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,29 +583,82 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def load_config(path: str | Path | None) -> RunConfig:
-    """Load a YAML run config; `None` gives the built-in default.
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
+                    ) -> dict[str, Any]:
+    """`data` with each `section.field=VALUE` override set (VALUE is parsed as YAML, so `15` is
+    a number, `null` is None and `[32, 32]` a list; an integer part indexes a list, as in
+    `decompose.modules.0.C=30`). Unknown fields are left for validation to name."""
+    import copy  # noqa: PLC0415
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected section.field=VALUE "
+                              "(e.g. graph.k=15)")
+        try:
+            value = read_yaml(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+        node: Any = out
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {item!r}: {where} is not an index of a list of "
+                                      f"{len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, "
+                                  "not a section")
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> RunConfig:
+    """Load a YAML run config (`None`: the built-in default) with `--set` overrides applied.
 
     An empty file is an error (it would silently run the default), as is a duplicate key."""
     if path is None:
-        return RunConfig()
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory; expected a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} cannot be read ({err})") from None
-    try:
-        data = read_yaml(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if data is None:
-        raise ConfigError(f"config file {path} is empty; write the fields to change (or run "
-                          "without a config file for the built-in default)")
-    return parse_config(data, source=str(path))
+        data: Any = {}
+        source = "(built-in default)"
+    else:
+        path = Path(path)
+        source = str(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; expected a YAML file")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read ({err})") from None
+        try:
+            data = read_yaml(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if data is None:
+            raise ConfigError(f"config file {path} is empty; write the fields to change (or "
+                              "run without a config file for the built-in default)")
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config {path}: expected a mapping at the top level")
+    if overrides:
+        # Overrides apply to the resolved config (defaults filled in), so that one field of a
+        # list entry or of a section the file leaves out can be set.
+        data = parse_config(data, source=source).model_dump(mode="json")
+        source += " with --set " + " ".join(overrides)
+        data = apply_overrides(data, overrides)
+    return parse_config(data, source=source)
 
 
 def config_to_yaml(cfg: Cfg) -> str:

@@ -1,4 +1,6 @@
-"""`python -m scalespd.run [cfg.yaml] [--run-dir DIR] [--stages ...] [--force ...]`
+"""`python -m scalespd.run [cfg.yaml] [--set A.B=V] [--run-dir DIR] [--stages ...] [--force ...]`
+
+`--show-config` prints the resolved config with each field's meaning and exits.
 
 Runs the pipeline target -> decompose -> profiles -> graph -> spectral -> report on one node
 (Ray in-process) or, under `ray job submit`, on the job's Ray cluster. Each stage reads the
@@ -385,6 +387,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Run the scalespd pipeline (SPD -> profiles -> graph -> clusters -> report).",
     )
     p.add_argument("config", nargs="?", help="YAML run config (default: the built-in default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.FIELD=VALUE",
+                   help="change one config field (VALUE is YAML; repeatable), e.g. --set "
+                        "graph.k=15; recorded in the run's config.yaml")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config, each field with its meaning, and exit "
+                        "(the reference: docs/config.md)")
     p.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>)")
     p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages")
     p.add_argument("--force", nargs="+", choices=(*STAGES, "all"), default=[],
@@ -409,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     if on_main_thread:  # signal handlers can only be set there
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
+        if args.show_config:
+            from scalespd.configdoc import commented_yaml  # noqa: PLC0415
+
+            print(commented_yaml(cfg))
+            return 0
         run_dir = args.run_dir or Path("runs") / cfg.name
         manifest = run_pipeline(cfg, run_dir, args.stages, args.force)
     except KeyboardInterrupt:
