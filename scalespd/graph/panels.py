@@ -59,7 +59,13 @@ def validate_columns(columns: np.ndarray | None, n_total: int) -> np.ndarray:
 
 
 def read_block(X: Any, r0: int, r1: int, cols: np.ndarray) -> np.ndarray:
-    """X[r0:r1, cols] as float32, shape (r1 - r0, len(cols)); `cols` in any order."""
+    """X[r0:r1, cols] as a new, writable float32 array of shape (r1 - r0, len(cols)) that the
+    caller owns; `cols` in any order.
+
+    Callers z-score the block in place, so it must never be a view of X: a plain slice of a
+    float32 C-order NumPy array (or memory map) is one, and writing to it would change the
+    caller's matrix or fail on a read-only memory map / Ray object-store array. Only this one
+    block is copied, never X."""
     order = np.argsort(cols, kind="stable")
     srt = cols[order]
     lo, hi = int(srt[0]), int(srt[-1]) + 1
@@ -75,7 +81,12 @@ def read_block(X: Any, r0: int, r1: int, cols: np.ndarray) -> np.ndarray:
         inv = np.empty_like(order)
         inv[order] = np.arange(order.size)
         block = block[:, inv]
-    return np.ascontiguousarray(block, dtype=np.float32)
+    out = np.ascontiguousarray(block, dtype=np.float32)
+    # A zarr read is already a fresh array; a NumPy slice may alias X (may_share_memory only
+    # compares bounds, so a false positive merely costs one block copy).
+    if not out.flags.writeable or (isinstance(X, np.ndarray) and np.may_share_memory(out, X)):
+        out = out.copy()
+    return out
 
 
 def panel_bounds(n: int, tile_cols: int) -> list[tuple[int, int]]:

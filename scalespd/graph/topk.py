@@ -56,6 +56,8 @@ class TileSource:
     def z(self, p: int, r0: int, r1: int, xp: ModuleType) -> Any:
         """(r1 - r0, panel width) float32 z-scored block of panel p, on xp's device."""
         s, e = self.panels[p]
+        # read_block returns a copy this method owns (never a view of X), so the in-place
+        # z-scoring below cannot write into the caller's matrix.
         x = xp.asarray(read_block(self.X, r0, r1, self.columns[s:e]))
         x -= xp.asarray(self.mean[s:e])
         x *= xp.asarray(self.scale[s:e])
