@@ -21,8 +21,13 @@ from pathlib import Path
 
 import torch
 
-from scalespd.targets import PRESETS, preset, train_target
+from scalespd.config import load_config
+from scalespd.targets import train_target
 from scalespd.targets.training import sanity_check
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TOYS = ["tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2",
+        "resid_mlp3"]
 
 
 
@@ -30,7 +35,7 @@ from scalespd.targets.training import sanity_check
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--names", nargs="+", default=list(PRESETS))
+    p.add_argument("--names", nargs="+", default=TOYS, help="configs/<name>.yaml targets")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "targets_train.json")
@@ -38,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for name in args.names:
-        cfg = preset(name, seed=args.seed)
+        cfg = load_config(CONFIGS / f"{name}.yaml").target.model_copy(update={"seed": args.seed})
         recipe_steps = cfg.train.steps
         steps = min(recipe_steps, args.max_steps) if args.max_steps else recipe_steps
         load_before = os.getloadavg()[0]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from scalespd.config import DecomposeConfig, LossConfig, ScheduleConfig
-from scalespd.targets import preset, train_target
+from scalespd.config import DecomposeConfig, LossConfig, ScheduleConfig, load_config
+from scalespd.targets import train_target
 from scalespd.train.trainer import SPDTrainer
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tc = preset("resid_mlp1")
+    tc = load_config(Path(__file__).resolve().parents[1] / "configs" / "resid_mlp1.yaml").target
     t0 = time.perf_counter()
     target, target_info = train_target(tc, progress=False)
     target_s = time.perf_counter() - t0

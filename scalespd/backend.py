@@ -8,12 +8,27 @@ GPU machine.
 from __future__ import annotations
 
 import functools
+import logging
 from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
 
+from scalespd.errors import ConfigError
+
 Device = Literal["cpu", "cuda"]
+
+log = logging.getLogger(__name__)
+
+
+def _unusable(package: str, err: BaseException) -> None:
+    """Say once, in the log, why an installed GPU package cannot be used (a missing package is
+    the normal CPU install and stays quiet)."""
+    if isinstance(err, ModuleNotFoundError) and err.name == package:
+        log.debug("%s is not installed; GPU paths are off", package)
+    else:
+        log.warning("%s is installed but cannot be used (%s: %s); using the CPU", package,
+                    type(err).__name__, err)
 
 
 @functools.cache
@@ -23,17 +38,8 @@ def cupy_gpu_available() -> bool:
         import cupy  # noqa: PLC0415
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # ImportError, CUDARuntimeError, missing driver, ...
-        return False
-
-
-@functools.cache
-def torch_gpu_available() -> bool:
-    try:
-        import torch  # noqa: PLC0415
-
-        return torch.cuda.is_available()
-    except Exception:
+    except Exception as err:  # ImportError, CUDARuntimeError, missing driver, ...
+        _unusable("cupy", err)
         return False
 
 
@@ -45,7 +51,7 @@ def resolve_device(device: str) -> Device:
         return "cpu"
     if device == "cuda":
         if not cupy_gpu_available():
-            raise RuntimeError(
+            raise ConfigError(
                 "device: 'cuda' was requested but CuPy cannot see a CUDA GPU "
                 "(install the 'gpu' extra on a GPU machine, or use device: auto/cpu)"
             )
@@ -75,18 +81,21 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+@functools.cache
 def cuml_available() -> bool:
+    """True when cuML imports (optional: CuPy k-means stands in without it)."""
     try:
         import cuml  # noqa: F401, PLC0415
 
         return True
-    except Exception:
+    except Exception as err:
+        _unusable("cuml", err)
         return False
 
 
-# ============================================================================================
-# k-means (added for the spectral stage; the functions above are the lead's)
-# ============================================================================================
+# --------------------------------------------------------------------------------------------
+# k-means
+# --------------------------------------------------------------------------------------------
 
 
 def kmeans(

@@ -151,7 +151,12 @@ class ResidMLPTargetConfig(Cfg):
     """Training recipe of the target."""
 
 
-TargetConfig = Annotated[TMSTargetConfig | ResidMLPTargetConfig, Field(discriminator="kind")]
+AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig
+# The papers' one-hot probe: x_f = 0.75 on feature f alone, for CI heatmaps, target checks and
+# the toys' ground truth.
+ONE_HOT_VALUE = 0.75
+# The `target` section: the `kind` field selects the model.
+TargetConfig = Annotated[AnyTargetConfig, Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +458,7 @@ class ReportConfig(Cfg):
     """Rows of the cluster table in index.html (largest clusters first); summary.json has all."""
     max_members_listed: PosInt = 40
     """Member names listed per cluster in the HTML table."""
-    onehot_value: PosFloat = 0.75
+    onehot_value: PosFloat = ONE_HOT_VALUE
     """Ground truth (toy targets): causal importances on one-hot inputs x_i = onehot_value (the SPD
     papers' CI-heatmap convention)."""
     gt_tau: Fraction | None = None

@@ -34,10 +34,8 @@ import numpy as np
 DENSE = -1
 INACTIVE = -2
 TIE = -3
-LABEL_NAMES = {DENSE: "dense", INACTIVE: "inactive", TIE: "tie"}
 
-# Module types whose subcomponents serve single features / are dense in the toy models.
-FEATURE_MODULE_TYPES = frozenset({"encoder", "decoder", "mlp_in"})
+# Module types whose subcomponents are dense in the toy models.
 DENSE_MODULE_TYPES = frozenset({"identity", "mlp_out"})
 
 

@@ -17,10 +17,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scalespd.errors import StageInputError
+from scalespd.spectral.clustering import CLUSTER_COLUMNS
 
 COMPONENT_COLUMNS = ("component", "name", "layer", "module", "module_type", "alive")
-CLUSTER_COLUMNS = ("component", "name", "layer", "module", "alive", "connected_component",
-                   "cluster")
 
 
 class ReportInputError(StageInputError):

@@ -38,6 +38,7 @@ from scalespd.graph import GraphResult
 from scalespd.spectral.assign import mean_correlation_to_clusters
 from scalespd.spectral.tasks import Device, cluster_graph_detailed, graph_pieces
 
+# The columns of clusters.csv (the spectral stage's output contract, read by the report).
 CLUSTER_COLUMNS = ["component", "name", "layer", "module", "alive", "connected_component",
                    "cluster"]
 

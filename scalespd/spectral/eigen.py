@@ -116,13 +116,6 @@ def sparse_eigenpairs(
         return lam, V, "lobpcg"
 
 
-def lobpcg_eigenpairs(W: sp.csr_matrix, n_eig: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Smallest `n_eig` eigenpairs by LOBPCG on L_sym. Returns λ (n_eig,), V (n, n_eig)."""
-    n = W.shape[0]
-    A, dinv = normalized_adjacency(W)
-    return _lobpcg_from_parts((sp.identity(n, format="csr") - A).tocsr(), dinv, n_eig, seed)
-
-
 def _lobpcg_from_parts(
     L: sp.spmatrix, dinv: np.ndarray, n_eig: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,6 @@ Public API (the contract other stages use, see the brief/DESIGN):
   save_target, load_target                run_dir/target/{model.pt, meta.json}
   make_dataset, structured_eval_inputs, one_hot_inputs   input distributions
   ground_truth                            expected mechanisms for scoring
-  PRESETS, preset                         the seven toys of the papers
 """
 
 from scalespd.targets.data import (
@@ -24,11 +23,9 @@ from scalespd.targets.models import (
     module_info,
     module_paths,
 )
-from scalespd.targets.presets import PRESETS, preset
 from scalespd.targets.training import eval_loss, train_target
 
 __all__ = [
-    "PRESETS",
     "ModuleInfo",
     "SparseFeatureDataset",
     "build_target",
@@ -39,7 +36,6 @@ __all__ = [
     "module_info",
     "module_paths",
     "one_hot_inputs",
-    "preset",
     "read_meta",
     "resid_mlp_labels",
     "save_target",

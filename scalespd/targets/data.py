@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scalespd.config import ResidMLPTargetConfig, TMSTargetConfig
-
-AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig
+from scalespd.config import ONE_HOT_VALUE, AnyTargetConfig
 
 # Value range of an active feature: TMS features are intensities in (0, 1); ResidMLP features
 # are signed so that the label x + ReLU(x) needs the non-linearity.
@@ -85,7 +83,7 @@ def structured_eval_inputs(
 
 
 def one_hot_inputs(
-    cfg: AnyTargetConfig, value: float = 0.75, device: str | torch.device = "cpu"
+    cfg: AnyTargetConfig, value: float = ONE_HOT_VALUE, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """value * I, shape (n_features, n_features): row f activates feature f alone."""
     return torch.eye(cfg.n_features, device=device) * value

@@ -16,10 +16,9 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from scalespd.config import ResidMLPTargetConfig, TargetConfig, TMSTargetConfig
+from scalespd.config import AnyTargetConfig, TargetConfig
 from scalespd.targets.models import build_target
 
-AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 

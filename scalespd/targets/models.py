@@ -7,11 +7,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from scalespd.config import ResidMLPTargetConfig, TMSTargetConfig
+from scalespd.config import AnyTargetConfig, ResidMLPTargetConfig, TMSTargetConfig
 from scalespd.targets.resid_mlp import ResidMLP
 from scalespd.targets.tms import TMSModel
-
-AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig
 
 
 class ModuleInfo(NamedTuple):

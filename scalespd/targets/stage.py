@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from scalespd.config import ConfigError, RunConfig
+from scalespd.config import ONE_HOT_VALUE, ConfigError, RunConfig
 from scalespd.targets.io import load_target, read_meta, save_target
 from scalespd.targets.training import eval_loss, sanity_check, train_target
 
@@ -60,9 +60,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         info["source"] = "trained"
     info |= sanity_check(model, tcfg)
     if tcfg.kind == "tms" and info["one_hot_features_represented"] < tcfg.n_features:
-        log.warning("[target] only %d of %d TMS features come back from a one-hot 0.75 (output "
-                    "> 0.375); the decomposition cannot find the missing ones",
-                    info["one_hot_features_represented"], tcfg.n_features)
+        log.warning("[target] only %d of %d TMS features come back from a one-hot %g (output "
+                    "> %g); the decomposition cannot find the missing ones",
+                    info["one_hot_features_represented"], tcfg.n_features, ONE_HOT_VALUE,
+                    ONE_HOT_VALUE / 2)
     save_target(model, tcfg, out, info)
     return _summary(read_meta(out))
 

@@ -2,7 +2,7 @@
 
 Both toys use the same loop: AdamW (weight decay from the config), the scheduled learning
 rate, fresh batches each step, loss = mean((out - labels)^2) with labels x (TMS) or
-x + ReLU(x) (ResidMLP). The recipes differ only in their configs (see `presets.py`).
+x + ReLU(x) (ResidMLP). The recipes differ only in their configs (configs/*.yaml).
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from scalespd.config import ResidMLPTargetConfig, TMSTargetConfig
+from scalespd.config import ONE_HOT_VALUE, AnyTargetConfig
 from scalespd.schedules import scheduled_lr
 from scalespd.targets.data import make_dataset, one_hot_inputs
 from scalespd.targets.models import build_target
 
 log = logging.getLogger("scalespd.targets")
 
-AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig
 
 # Independent random streams derived from one seed (model init uses the seed itself).
 STREAM_TRAIN_DATA = 1
@@ -62,20 +61,20 @@ def eval_loss(model: nn.Module, cfg: AnyTargetConfig, device: str | torch.device
 def sanity_check(model: nn.Module, cfg: AnyTargetConfig) -> dict[str, Any]:
     """One-hot behaviour of a trained target, recorded in meta.json.
 
-    TMS (reference check): input 0.75 on feature f alone should come back as ~0.75 on output f;
-    `features_ok` counts features within 0.1, `features_represented` those above 0.375. ResidMLP (APD App. C.1): input 1 on feature f
-    should give ~1.6 against the label 2 on output f (MSE makes it undershoot); we report the
+    TMS (reference check): input ONE_HOT_VALUE (0.75) on feature f alone should come back as
+    ~0.75 on output f; `features_ok` counts features within 0.1, `features_represented` those
+    above half the input. ResidMLP (APD App. C.1): input 1 on feature f should give ~1.6 against the label 2 on output f (MSE makes it undershoot); we report the
     mean diagonal output and the mean |off-diagonal| output."""
     device = next(model.parameters()).device
     if cfg.kind == "tms":
-        out = model(one_hot_inputs(cfg, 0.75, device))
+        out = model(one_hot_inputs(cfg, ONE_HOT_VALUE, device))
         diag = out.diagonal()
-        return {"one_hot_value": 0.75,
-                "one_hot_features_ok": int(((diag - 0.75).abs() < 0.1).sum()),
+        return {"one_hot_value": ONE_HOT_VALUE,
+                "one_hot_features_ok": int(((diag - ONE_HOT_VALUE).abs() < 0.1).sum()),
                 # Trained 40-10 models undershoot (measured ~0.62: a negative bias suppresses
                 # interference), so "represented" (output above half the input) is the check
                 # that a feature is alive at all.
-                "one_hot_features_represented": int((diag > 0.375).sum()),
+                "one_hot_features_represented": int((diag > ONE_HOT_VALUE / 2).sum()),
                 "one_hot_diag": [round(float(v), 4) for v in diag]}
     out = model(one_hot_inputs(cfg, 1.0, device))
     off = out - torch.diag(out.diagonal())

@@ -28,8 +28,6 @@ from scalespd.train.losses import (
 if TYPE_CHECKING:
     from scalespd.config import DecomposeConfig
 
-# One-hot probe value of the papers' CI heatmaps and target-CI checks.
-ONE_HOT_VALUE = 0.75
 # Per-feature ground truth: encoders are compared column by column (input feature j), decoders
 # row by row (output feature i), i.e. along the axis that indexes the features.
 FEATURE_AXIS = {"encoder": "in", "decoder": "out"}

@@ -28,12 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scalespd.config import DecomposeConfig
+from scalespd.config import ONE_HOT_VALUE, DecomposeConfig
 from scalespd.schedules import scheduled_lr
 from scalespd.targets import ground_truth, make_dataset, module_info, one_hot_inputs
 from scalespd.train.components import ComponentModel, match_modules
 from scalespd.train.losses import annealed_p, faithfulness_loss, spd_loss
-from scalespd.train.metrics import ONE_HOT_VALUE, decomposition_metrics, save_ci_heatmap
+from scalespd.train.metrics import decomposition_metrics, save_ci_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class SPDTrainer:
                                      ground_truth(self.target_cfg), p=p, generator=gen)
 
     def save_ci_heatmap(self, path: Path) -> None:
-        """PNG of the causal importances on one-hot inputs (value 0.75), columns permuted."""
+        """PNG of the causal importances on one-hot inputs (ONE_HOT_VALUE), columns permuted."""
         save_ci_heatmap(self.model, self._one_hot(), Path(path),
                         title=f"causal importance on one-hot inputs, step {self.step}")
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from toys import preset
 
 from scalespd.config import ResidMLPTargetConfig, ScheduleConfig, TMSTargetConfig
 from scalespd.schedules import scheduled_lr
 from scalespd.targets import (
     make_dataset,
     one_hot_inputs,
-    preset,
     resid_mlp_labels,
     structured_eval_inputs,
 )

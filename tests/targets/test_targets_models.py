@@ -9,17 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import CONFIGS, TOYS, preset
 
 from scalespd.config import ResidMLPTargetConfig, TMSTargetConfig
 from scalespd.targets import (
-    PRESETS,
     ModuleInfo,
     build_target,
     ground_truth,
     make_dataset,
     module_info,
     module_paths,
-    preset,
     train_target,
 )
 from scalespd.targets.tms import TiedLinear
@@ -29,12 +28,12 @@ torch.set_num_threads(1)
 # (name, expected module_info, (d_out, d_in) of each module) for the seven toys of the papers.
 EXPECTED = {
     "tms_5-2": ([("linear1", 0, "encoder"), ("linear2", 1, "decoder")], [(2, 5), (5, 2)]),
-    "tms_5-2_id": (
+    "tms_5-2-id": (
         [("linear1", 0, "encoder"), ("hidden_layers.0", 1, "identity"), ("linear2", 2, "decoder")],
         [(2, 5), (2, 2), (5, 2)],
     ),
     "tms_40-10": ([("linear1", 0, "encoder"), ("linear2", 1, "decoder")], [(10, 40), (40, 10)]),
-    "tms_40-10_id": (
+    "tms_40-10-id": (
         [("linear1", 0, "encoder"), ("hidden_layers.0", 1, "identity"), ("linear2", 2, "decoder")],
         [(10, 40), (10, 10), (40, 10)],
     ),
@@ -50,15 +49,16 @@ EXPECTED = {
         [(17, 1000), (1000, 17)] * 3,
     ),
 }
-N_FEATURES = {"tms_5-2": 5, "tms_5-2_id": 5, "tms_40-10": 40, "tms_40-10_id": 40,
+N_FEATURES = {"tms_5-2": 5, "tms_5-2-id": 5, "tms_40-10": 40, "tms_40-10-id": 40,
               "resid_mlp1": 100, "resid_mlp2": 100, "resid_mlp3": 102}
 # Digest §1.4, with linear1 and linear2 decomposed separately.
-EXPECTED_ALIVE = {"tms_5-2": 10, "tms_5-2_id": 12, "tms_40-10": 80, "tms_40-10_id": 90,
+EXPECTED_ALIVE = {"tms_5-2": 10, "tms_5-2-id": 12, "tms_40-10": 80, "tms_40-10-id": 90,
                   "resid_mlp1": 150, "resid_mlp2": 250, "resid_mlp3": 357}
 
 
-def test_presets_are_the_seven_toys() -> None:
-    assert set(PRESETS) == set(EXPECTED)
+def test_configs_are_the_seven_toys_with_their_recipes() -> None:
+    assert set(TOYS) == set(EXPECTED)
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} >= set(TOYS)
     assert preset("resid_mlp3").train.steps == 10_000
     assert preset("resid_mlp1").train.steps == preset("resid_mlp2").train.steps == 1000
     assert preset("tms_40-10").train.batch_size == 8192
@@ -91,7 +91,7 @@ def test_ground_truth_counts(name: str) -> None:
     assert list(gt["modules"]) == module_paths(cfg)
     assert gt["expected_alive_total"] == EXPECTED_ALIVE[name]
     n = N_FEATURES[name]
-    has_dense = name.endswith("_id") or name.startswith("resid")
+    has_dense = name.endswith("-id") or name.startswith("resid")
     assert gt["n_mechanisms"] == n + has_dense == len(gt["mechanisms"])
     features = [m for m in gt["mechanisms"] if m["kind"] == "feature"]
     assert [m["feature"] for m in features] == list(range(n))
@@ -112,7 +112,7 @@ def test_ground_truth_counts(name: str) -> None:
 
 
 def test_tms_forward_is_relu_wt_w_x_plus_b() -> None:
-    cfg = preset("tms_5-2_id", init_bias_to_zero=False)
+    cfg = preset("tms_5-2-id", init_bias_to_zero=False)
     model = build_target(cfg)
     x = torch.rand(11, 5)
     w = model.linear1.weight  # (2, 5)
@@ -210,7 +210,7 @@ def test_embedding_frozen_during_training() -> None:
     torch.testing.assert_close(model.W_E, w_e, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["tms_40-10_id", "resid_mlp2"])
+@pytest.mark.parametrize("name", ["tms_40-10-id", "resid_mlp2"])
 def test_build_is_seeded_and_leaves_global_rng_alone(name: str) -> None:
     torch.manual_seed(123)
     before = torch.rand(3)

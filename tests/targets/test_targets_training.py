@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from toys import preset
 
 from scalespd.config import ConfigError, ResidMLPTargetConfig, RunConfig, TMSTargetConfig
 from scalespd.targets import (
     build_target,
     load_target,
     one_hot_inputs,
-    preset,
     save_target,
     train_target,
 )
@@ -80,10 +80,10 @@ def test_resid_mlp_1l_short_training_beats_zero_output() -> None:
 
 
 def test_training_is_deterministic() -> None:
-    cfg = small("tms_40-10_id", steps=25, batch_size=256)
+    cfg = small("tms_40-10-id", steps=25, batch_size=256)
     a, info_a = train_target(cfg, progress=False)
     b, info_b = train_target(cfg, progress=False)
-    c, _ = train_target(preset("tms_40-10_id", seed=1, train=cfg.train), progress=False)
+    c, _ = train_target(preset("tms_40-10-id", seed=1, train=cfg.train), progress=False)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert info_a["final_loss"] == info_b["final_loss"]
@@ -91,7 +91,7 @@ def test_training_is_deterministic() -> None:
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
-    for name in ("tms_5-2_id", "resid_mlp2"):
+    for name in ("tms_5-2-id", "resid_mlp2"):
         cfg = small(name, steps=3, batch_size=16, seed=4)
         model, info = train_target(cfg, progress=False)
         save_target(model, cfg, tmp_path / name, info)
@@ -105,7 +105,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         meta = json.loads((tmp_path / name / "meta.json").read_text())
         assert meta["final_loss"] == info["final_loss"]
     # Tying survives loading: linear2 reads the loaded linear1 weight.
-    tms, _ = load_target(tmp_path / "tms_5-2_id")
+    tms, _ = load_target(tmp_path / "tms_5-2-id")
     assert tms.linear2.weight.data_ptr() == tms.linear1.weight.data_ptr()
 
 

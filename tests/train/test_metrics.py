@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from toys import preset
 
 from scalespd.config import DecomposeConfig
-from scalespd.targets import build_target, module_info, one_hot_inputs, preset
+from scalespd.targets import build_target, module_info, one_hot_inputs
 from scalespd.train.components import ComponentModel, match_modules
 from scalespd.train.metrics import (
     decomposition_metrics,
@@ -115,7 +116,7 @@ def test_greedy_permutation_puts_each_feature_on_the_diagonal():
 
 
 def test_decomposition_metrics_keys_and_heatmap(tmp_path):
-    tc = preset("tms_5-2_id")
+    tc = preset("tms_5-2-id")
     target = build_target(tc)
     cfg = DecomposeConfig(modules=[{"pattern": "*", "C": 7}])
     infos = module_info(tc)

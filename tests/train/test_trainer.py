@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from toys import preset
 
 from scalespd.config import DecomposeConfig, RunConfig, ScheduleConfig
 from scalespd.schedules import scheduled_lr
-from scalespd.targets import build_target, one_hot_inputs, preset, train_target
+from scalespd.targets import build_target, one_hot_inputs, train_target
 from scalespd.train.losses import spd_loss
 from scalespd.train.trainer import SPDTrainer
 
@@ -25,7 +26,7 @@ def small_cfg(**kw) -> DecomposeConfig:
     return DecomposeConfig(**base)
 
 
-def make_trainer(cfg: DecomposeConfig | None = None, name: str = "tms_5-2_id",
+def make_trainer(cfg: DecomposeConfig | None = None, name: str = "tms_5-2-id",
                  **kw) -> SPDTrainer:
     tc = preset(name)
     return SPDTrainer(build_target(tc), tc, cfg or small_cfg(), device="cpu", **kw)
@@ -264,7 +265,7 @@ def test_tms_5_2_identity_appears_as_two_hidden_subcomponents():
     """TMS 5-2+ID: the fixed 2x2 identity decomposes into exactly 2 alive subcomponents of
     hidden_layers.0 (the dense CI pattern with k = 2 holds: 2 columns reach 0.9, no other column
     exceeds tau), next to 5 per-feature subcomponents in linear1 and linear2."""
-    tc = preset("tms_5-2_id")
+    tc = preset("tms_5-2-id")
     cfg = DecomposeConfig(modules=[{"pattern": p, "C": 20}
                                    for p in ("linear1", "hidden_layers.0", "linear2")])
     ev = _decompose(tc, cfg)
