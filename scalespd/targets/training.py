@@ -63,8 +63,9 @@ def sanity_check(model: nn.Module, cfg: AnyTargetConfig) -> dict[str, Any]:
 
     TMS (reference check): input ONE_HOT_VALUE (0.75) on feature f alone should come back as
     ~0.75 on output f; `features_ok` counts features within 0.1, `features_represented` those
-    above half the input. ResidMLP (APD App. C.1): input 1 on feature f should give ~1.6 against the label 2 on output f (MSE makes it undershoot); we report the
-    mean diagonal output and the mean |off-diagonal| output."""
+    above half the input. ResidMLP (APD App. C.1): input 1 on feature f should give ~1.6
+    against the label 2 on output f (MSE makes it undershoot); we report the mean diagonal
+    output and the mean |off-diagonal| output."""
     device = next(model.parameters()).device
     if cfg.kind == "tms":
         out = model(one_hot_inputs(cfg, ONE_HOT_VALUE, device))
