@@ -9,15 +9,35 @@ writes into DIR:
     clusters.csv     one row per column: component,name,layer,module,alive,connected_component,
                      cluster (−1 for dead / excluded columns)
     summary.json     counts (n_components, n_alive, n_edges, n_connected_components, n_clusters,
-                     cluster_sizes, layer_span_counts, ...), parameters, timings
+                     cluster_sizes, layer_span_counts, ...), parameters, timings, and `partial`
+                     (null, or the finished row blocks used with --allow-partial)
     components.csv   per-column statistics (max, mean, std, frac_active, alive) and metadata
     spectra.json     per-component eigenvalues and chosen K
     graph/           the k-NN graph (scalespd.graph.GraphResult.save)
+    .scalespd-cluster.json   the record of every file above (written last)
 
-Everything is written into a temporary sibling directory that is renamed to DIR only when all
-of it is complete, so an interrupted or failed run never leaves a DIR that looks finished.
-Bad input (missing file, not 2-D, NaN/inf, a metadata CSV with the wrong number of rows or
-missing columns) stops with a message on stderr and exit status 2.
+The input is only read, never written (a `.npy` file is memory-mapped read-only).
+
+Output safety. Everything is written into a temporary sibling directory
+(`.DIR.partial-<pid>-<host>`) that is renamed to DIR only when all of it is complete, so an
+interrupted or failed run never leaves a DIR that looks finished; a run killed outright leaves
+that sibling behind, and the next run on the same DIR removes it once its process is gone. An
+existing non-empty DIR is refused; `--overwrite` replaces it only when it holds exactly what
+an earlier run recorded in `.scalespd-cluster.json` — a DIR with other files (or no record) is
+refused even with `--overwrite`, and so is a DIR that holds PROFILES or --components, or that
+lies inside the PROFILES directory. The old DIR is renamed aside and deleted only after the
+new one is in place (a run killed in between gets it restored by the next run).
+
+Input checks. Bad input stops with one `error:` line on stderr naming the file or flag, and
+exit status 2: a missing, empty (0-byte) or unreadable file, not 2-D, fewer than MIN_ROWS
+rows, NaN/inf or negative values (profiles are importances; CI lies in [0, 1]), a metadata CSV
+with the wrong rows or columns, --tau outside [0, 1), --edge-threshold outside [0, 1), and a
+disk that is full or read-only while writing. A scalespd profiles directory whose harvest is
+unfinished (no harvest.json; the check of the pipeline's graph stage,
+`scalespd.profiles.open_profiles`) is refused with the number of finished row blocks;
+`--allow-partial` clusters only the rows of the finished blocks (logged, and recorded in
+summary.json). Ctrl-C (or SIGTERM) removes the temporary directory and exits with status 130;
+any other failure is an internal bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,17 +46,32 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 from pydantic import ValidationError
 
 from scalespd.config import GraphConfig, ProfilesConfig, SpectralConfig
+from scalespd.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    StorageError,
+    UserError,
+    storage_error,
+)
+from scalespd.jsonio import write_json_atomic
 
 log = logging.getLogger("scalespd.cluster")
 
@@ -45,9 +80,22 @@ META_COLUMNS = ["name", "layer", "module"]
 _BLOCK_BYTES = 128 << 20
 # With --executor auto, Ray is used from this many alive columns on (or when a cluster is set).
 _RAY_MIN_ALIVE = 5000
+# Fewest rows (inputs) accepted. Two columns active together on a single input and zero
+# elsewhere correlate perfectly; under the row-permutation null that the edge threshold uses,
+# that happens by chance with probability 1/M. Below M = 20 this chance exceeds 5%, so even a
+# perfect correlation of a single pair cannot be told apart from chance, no edge survives the
+# threshold and every column ends up a singleton (with M = 2 every correlation is ±1 outright).
+MIN_ROWS = 20
+# The record of the files a run wrote into --out; --overwrite replaces only such a directory.
+MANIFEST = ".scalespd-cluster.json"
+MANIFEST_FORMAT = 1
+# Temporary siblings of --out carry the writer's pid and host, so a later run can tell a stale
+# one (its process is gone) from one still being written, also on a shared file system.
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+INTERRUPTED = "interrupted; re-run the same command (--out {out} is as it was before the run)"
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad user input; the message names the file or flag and what was expected."""
 
 
@@ -56,26 +104,167 @@ class InputError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def open_matrix(path: Path) -> Any:
-    """The (M, N) profile matrix at `path`: .npy (memory-mapped), a zarr array, or a profiles
-    directory holding ci.zarr. Never read whole."""
+@dataclass(frozen=True)
+class RowSubset:
+    """Read-only (M_sub, N) view of the row ranges `ranges` of X, in order: the finished row
+    blocks of an unfinished harvest (--allow-partial).
+
+    X: (M, N) zarr.Array; ranges: [start, stop) source row ranges, ascending, disjoint. Offers
+    what the graph and spectral code read: shape, dtype, chunks, `X[rows]`, `X[rows, cols]`
+    with a step-1 row slice, and `get_orthogonal_selection((row slice, cols))`. Each read
+    touches only the source rows it needs."""
+
+    X: Any
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(b - a for a, b in self.ranges), int(self.X.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.X.dtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        # Blocks are whole row chunks of the source, so its chunking still aligns.
+        return tuple(self.X.chunks)
+
+    def source_row(self, r: int) -> int:
+        """The source row of subset row r."""
+        for a, b in self.ranges:
+            if r < b - a:
+                return a + r
+            r -= b - a
+        raise IndexError(r)
+
+    def _pieces(self, rows: slice) -> list[slice]:
+        """Source row slices covering subset rows `rows` (a step-1 slice)."""
+        r0, r1, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("RowSubset supports row slices with step 1 only")
+        out, offset = [], 0
+        for a, b in self.ranges:
+            lo, hi = max(r0, offset), min(r1, offset + b - a)
+            if lo < hi:
+                out.append(slice(a + lo - offset, a + hi - offset))
+            offset += b - a
+        return out or [slice(0, 0)]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        parts = [np.asarray(self.X[s, cols]) for s in self._pieces(rows)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def get_orthogonal_selection(self, selection: tuple[slice, Any]) -> np.ndarray:
+        rows, cols = selection
+        parts = [np.asarray(self.X.get_orthogonal_selection((s, cols)))
+                 for s in self._pieces(rows)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _block_ranges(blocks: list[int], layout: Any) -> tuple[tuple[int, int], ...]:
+    """Row ranges of the sorted blocks `blocks`, adjacent blocks merged into one range."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        a, e = layout.block_range(b)
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((a, e))
+    return tuple(out)
+
+
+def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str, Any] | None]:
+    """The CI array of the scalespd profiles directory `profiles_dir` and, for an unfinished
+    harvest opened with allow_partial, the record of the finished row blocks it is limited to
+    (the array is then a RowSubset of those rows)."""
+    from scalespd.profiles.harvest import (  # noqa: PLC0415
+        BLOCKS_DIR,
+        SUMMARY_FILE,
+        open_profiles,
+    )
+    from scalespd.profiles.store import (  # noqa: PLC0415
+        ATTR_KEY,
+        BlockLayout,
+        ProfilesError,
+        finished_blocks,
+    )
+
+    try:
+        # The very check the pipeline's graph stage makes: harvest.json marks a finished harvest.
+        return open_profiles(profiles_dir), None
+    except ProfilesError as err:
+        first = err
+    except Exception as err:  # noqa: BLE001  (zarr raises several types for unreadable arrays)
+        raise InputError(f"PROFILES {profiles_dir}/ci.zarr is not a readable zarr array ({err})"
+                         ) from None
+    # open_profiles refused it; if only because the harvest is unfinished, count its blocks.
+    try:
+        arr = open_profiles(profiles_dir, allow_incomplete=True)
+    except ProfilesError as err:  # another problem (e.g. not a scalespd profiles array)
+        raise InputError(f"PROFILES {profiles_dir}: {err}") from None
+    M, N = (int(s) for s in arr.shape)
+    block_rows = arr.attrs[ATTR_KEY].get("block_rows")
+    if not isinstance(block_rows, int):
+        raise InputError(f"PROFILES {profiles_dir}: {first}")
+    try:
+        layout = BlockLayout.make(M, N, int(arr.chunks[0]), int(arr.chunks[1]), block_rows,
+                                  arr.dtype.itemsize)
+        done = sorted(finished_blocks(profiles_dir / BLOCKS_DIR, layout))
+    except ProfilesError as err:  # e.g. a completion record that does not fit the array
+        raise InputError(f"PROFILES {profiles_dir}: {first}; {err}") from None
+    ranges = _block_ranges(done, layout)
+    rows = sum(b - a for a, b in ranges)
+    if not allow_partial:
+        raise InputError(
+            f"PROFILES {profiles_dir} holds an unfinished harvest: {len(done)} of "
+            f"{layout.n_blocks} row blocks are finished ({SUMMARY_FILE} is missing); re-run the "
+            f"profiles stage to finish it, or pass --allow-partial to cluster only the {rows} "
+            "rows of the finished blocks"
+        )
+    if not done:
+        raise InputError(f"PROFILES {profiles_dir} holds an unfinished harvest with no finished "
+                         f"row block (0 of {layout.n_blocks}); nothing to cluster")
+    info = {"finished_blocks": len(done), "n_blocks": layout.n_blocks, "rows_used": rows,
+            "rows_total": M, "row_ranges": [list(r) for r in ranges]}
+    log.warning("--allow-partial: %s holds an unfinished harvest; clustering only the %d rows "
+                "of its %d finished row blocks (of %d blocks, %d rows)", profiles_dir, rows,
+                len(done), layout.n_blocks, M)
+    return RowSubset(arr, ranges), info
+
+
+def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """The (M, N) profile matrix at `path`: .npy (memory-mapped read-only), a zarr array, or a
+    profiles directory holding ci.zarr; never read whole. The second value is None, or the
+    record of the finished row blocks of an unfinished harvest (see `open_harvest`)."""
+    partial = None
     if not path.exists():
         raise InputError(f"PROFILES {path} does not exist")
     if path.suffix == ".npy":
+        if path.is_file() and path.stat().st_size == 0:
+            raise InputError(f"PROFILES {path} is empty (0 bytes); expected an array written "
+                             "by np.save")
         try:
             X = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, EOFError) as err:
             raise InputError(f"PROFILES {path} is not a readable .npy array ({err})") from None
     else:
         import zarr  # noqa: PLC0415
 
+        from scalespd.profiles.store import ATTR_KEY  # noqa: PLC0415
+
+        # A profiles directory, or its ci.zarr passed directly, or any other zarr array.
         target = path / "ci.zarr" if (path / "ci.zarr").exists() else path
         try:
             X = zarr.open_array(str(target), mode="r")
-        except Exception as err:  # zarr raises several types for "not an array here"
+        except Exception as err:  # noqa: BLE001  (zarr raises several types for "no array")
             raise InputError(
                 f"PROFILES {path} is neither a .npy file nor a zarr array ({err})"
             ) from None
+        # An array a scalespd harvest wrote: the pipeline's completeness check applies.
+        if target.name == "ci.zarr" and ATTR_KEY in X.attrs:
+            X, partial = open_harvest(target.parent, allow_partial)
     if len(X.shape) != 2:
         raise InputError(
             f"PROFILES {path} must be a 2-D array (M rows = inputs, N columns = subcomponents); "
@@ -84,9 +273,14 @@ def open_matrix(path: Path) -> Any:
     if np.dtype(X.dtype).kind not in "fiu":
         raise InputError(f"PROFILES {path} must hold numbers; got dtype {X.dtype}")
     M, N = (int(s) for s in X.shape)
-    if M < 2 or N < 1:
-        raise InputError(f"PROFILES {path} needs at least 2 rows and 1 column; got shape {(M, N)}")
-    return X
+    if M < MIN_ROWS or N < 1:
+        used = " (the rows of the finished blocks)" if partial else ""
+        raise InputError(
+            f"PROFILES {path} needs at least {MIN_ROWS} rows{used} and 1 column; got shape "
+            f"{(M, N)} (with fewer than {MIN_ROWS} inputs no correlation can be told apart "
+            "from chance)"
+        )
+    return X, partial
 
 
 def read_metadata(path: Path | None, n_cols: int) -> pd.DataFrame:
@@ -99,7 +293,7 @@ def read_metadata(path: Path | None, n_cols: int) -> pd.DataFrame:
         raise InputError(f"--components {path} does not exist")
     try:
         df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
         raise InputError(f"--components {path} is not a readable CSV ({err})") from None
     missing = [c for c in META_COLUMNS if c not in df.columns]
     if missing:
@@ -125,22 +319,38 @@ def read_metadata(path: Path | None, n_cols: int) -> pd.DataFrame:
 
 def column_stats(X: Any, tau: float, source: str) -> pd.DataFrame:
     """max, mean, std, frac_active (> tau), alive (max > tau) per column, streaming over row
-    blocks in float64; NaN or inf anywhere is an error naming the first offending cell."""
+    blocks in float64 (X: (M, N)); returns an (N,)-row frame.
+
+    Every value must be finite and non-negative: profiles are importances (CI lies in [0, 1]),
+    and both the alive filter (max > tau) and frac_active read them so. A NaN / inf or negative
+    value is an error naming the first offending cell (row, column); the scan costs one
+    comparison per value on the block that is read anyway. Rows are numbered in the source."""
     from scalespd.profiles import ColumnStats  # noqa: PLC0415
 
     M, N = (int(s) for s in X.shape)
     chunk = int(getattr(X, "chunks", (M,))[0] or M)
     rows = max(1, _BLOCK_BYTES // (8 * N))
     rows = max(chunk, rows // chunk * chunk)  # whole zarr chunks per read
+    source_row = getattr(X, "source_row", lambda r: r)  # a RowSubset maps to harvest rows
     total = ColumnStats.empty(N, tau)
     for r0 in range(0, M, rows):
         r1 = min(r0 + rows, M)
+        # Only read: for a float64 .npy this is a view of the memory map.
         block = np.asarray(X[r0:r1], dtype=np.float64)
-        bad = ~np.isfinite(block)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise InputError(f"PROFILES {source} holds NaN or inf (first at row {r0 + i}, column "
-                             f"{j}: {block[i, j]}); profiles must be finite")
+        # One pass: NaN compares False, so `>= 0` fails for NaN and negatives; +inf is caught
+        # by the max below (only a block that fails is scanned again to name the cell).
+        if not (block >= 0).all() or not np.isfinite(block.max(initial=0.0)):
+            finite = np.isfinite(block)
+            if not finite.all():
+                i, j = np.argwhere(~finite)[0]
+                raise InputError(
+                    f"PROFILES {source} holds NaN or inf (first at row {source_row(r0 + i)}, "
+                    f"column {j}: {block[i, j]}); profiles must be finite")
+            i, j = np.argwhere(block < 0)[0]
+            raise InputError(
+                f"PROFILES {source} holds a negative value (first at row {source_row(r0 + i)}, "
+                f"column {j}: {block[i, j]:.6g}); profiles must be non-negative (causal "
+                "importances lie in [0, 1]; pass absolute values for signed activations)")
         total = total.merge(ColumnStats.of(block, tau))
     return pd.DataFrame({"max": total.max, "mean": total.mean, "std": total.std,
                          "frac_active": total.frac_active, "alive": total.max > tau})
@@ -151,26 +361,165 @@ def column_stats(X: Any, tau: float, source: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_out(out: Path, overwrite: bool) -> Path:
-    """Check DIR is writable and new (or --overwrite); return the temporary directory to fill."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"--out {out} already exists and is not empty; pass --overwrite to "
-                         "replace it or choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def _sibling(out: Path, kind: str) -> Path:
+    """This process's temporary sibling of `out` ("partial": being written, "old": the output
+    being replaced)."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{_HOST}"
+
+
+def remove_stale_siblings(out: Path) -> None:
+    """Clean up after runs on `out` that were killed outright (SIGKILL, power loss).
+
+    Their `.<name>.partial-<pid>-<host>` directories are deleted, and a
+    `.<name>.old-<pid>-<host>` (the output a run was replacing at the moment it died) is moved
+    back to `out` when `out` is missing, else deleted. Only siblings of this host whose process
+    is gone are touched: a live pid (even a reused one) or another host's run is left alone."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)(?:-(.+))?")
+    for path in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(path.name)
+        if m is None or not path.is_dir() or path.is_symlink():
+            continue
+        kind, pid, host = m[1], int(m[2]), m[3]
+        if (host is not None and host != _HOST) or pid == os.getpid() or psutil.pid_exists(pid):
+            continue
+        if kind == "old" and not out.exists() and not out.is_symlink():
+            path.rename(out)
+            log.warning("restored %s from %s, left by a run (pid %d) killed while replacing it",
+                        out, path.name, pid)
+        else:
+            shutil.rmtree(path)
+            log.info("removed %s, left by a run (pid %d) that is no longer running", path, pid)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    """Whether `child` is `parent` or lies below it (both already resolved)."""
+    return child == parent or parent in child.parents
+
+
+def check_out_apart_from_inputs(out: Path, inputs: list[tuple[str, Path]]) -> None:
+    """--out must neither hold an input nor lie inside the PROFILES directory: replacing it
+    would delete the input, and the input's directory is not ours to write into.
+
+    inputs: (flag, path) of PROFILES and --components."""
+    o = out.resolve()
+    for flag, path in inputs:
+        p = path.resolve()
+        if _inside(p, o):
+            raise InputError(f"--out {out} holds the input {flag} {path}; choose an --out "
+                             "directory that does not contain the inputs")
+        if p.is_dir() and _inside(o, p):
+            raise InputError(f"--out {out} lies inside the {flag} directory {path}; choose an "
+                             "--out outside it")
+
+
+def recorded_outputs(out: Path) -> set[str] | None:
+    """The files (relative paths) an earlier run recorded writing into `out`, from its
+    MANIFEST; None when `out` holds no readable record."""
+    try:
+        rec = json.loads((out / MANIFEST).read_text())
+        files = rec["files"]
+        if rec.get("written_by") != "scalespd.cluster" or not isinstance(files, list):
+            return None
+        return {str(f) for f in files}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _entries(root: Path) -> list[str]:
+    """Relative paths of every file, directory and link below `root` (links not followed)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        out += [(rel / n).as_posix() for n in dirnames + filenames]
+    return sorted(out)
+
+
+def check_existing_out(out: Path, overwrite: bool) -> None:
+    """An existing --out may be replaced only when it is an empty directory, or with
+    --overwrite when it holds exactly what an earlier run recorded in MANIFEST."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory; choose another --out")
+    if not any(out.iterdir()):
+        return
+    record = recorded_outputs(out)
+    if record is None:
+        raise InputError(
+            f"--out {out} already exists, is not empty and holds no record of scalespd.cluster "
+            f"output ({MANIFEST}); --overwrite replaces only what scalespd.cluster wrote: "
+            "choose another --out or empty it yourself"
+        )
+    if not overwrite:
+        raise InputError(f"--out {out} already holds scalespd.cluster output; pass --overwrite "
+                         "to replace it or choose another directory")
+    allowed = {MANIFEST} | record
+    allowed |= {parent.as_posix() for f in record for parent in Path(f).parents
+                if parent != Path(".")}
+    extra = [e for e in _entries(out) if e not in allowed]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise InputError(
+            f"--out {out} holds files scalespd.cluster did not write ({', '.join(extra[:3])}"
+            f"{more}); --overwrite replaces only its own output: move them away or choose "
+            "another --out"
+        )
+
+
+def prepare_out(out: Path, overwrite: bool, inputs: list[tuple[str, Path]]) -> Path:
+    """Check that --out may be written (see `check_out_apart_from_inputs`,
+    `check_existing_out`), clean up stale siblings, and return a new, empty temporary
+    directory next to it to fill."""
+    check_out_apart_from_inputs(out, inputs)
+    remove_stale_siblings(out)  # first: it may restore an --out that a killed run moved aside
+    check_existing_out(out, overwrite)
+    tmp = _sibling(out, "partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as err:
+        user = storage_error(err)
+        if user is None:
+            raise
+        raise StorageError(f"--out {out}: cannot create it ({user})", user.errno,
+                           user.filename) from err
     return tmp
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory into place (replacing an old DIR last)."""
+def write_manifest(tmp: Path, summary: dict[str, Any]) -> None:
+    """Record every file written into `tmp` (relative paths) in tmp/MANIFEST, last: a later
+    --overwrite replaces a directory only when it holds exactly these files."""
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                   if p.is_file() and p.name != MANIFEST)
+    write_json_atomic(tmp / MANIFEST, {
+        "written_by": "scalespd.cluster",
+        "format_version": MANIFEST_FORMAT,
+        "note": "python -m scalespd.cluster --overwrite replaces this directory only while it "
+                "holds exactly these files",
+        "inputs": summary["inputs"],
+        "files": files,
+    })
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished temporary directory into place; an old DIR is renamed aside first and
+    deleted only once the new one is in place (restored if that rename fails)."""
+    # The rules again: the run may have taken long, and someone may have written into --out.
+    check_existing_out(out, overwrite)
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = _sibling(out, "old")
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -206,11 +555,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="do not re-split components whose eigengap picks K_max")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
-                   help="Ray tasks or this process (auto: Ray from %d alive columns or when "
-                        "RAY_ADDRESS is set)" % _RAY_MIN_ALIVE)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+                   help=f"Ray tasks or this process (auto: Ray from {_RAY_MIN_ALIVE} alive "
+                        "columns or when RAY_ADDRESS is set)")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an --out written by an earlier run (it must hold exactly the "
+                        f"files recorded in its {MANIFEST}; anything else is refused)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="for a profiles directory whose harvest is unfinished: cluster only the "
+                        "rows of its finished row blocks (refused without this flag)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
+
+
+# Flags whose name is not the config field's.
+_FLAGS = {"always_on_fraction": "--always-on", "recursive_split": "--no-recursive-split"}
 
 
 def _configs(args: argparse.Namespace) -> tuple[GraphConfig, SpectralConfig]:
@@ -220,6 +578,11 @@ def _configs(args: argparse.Namespace) -> tuple[GraphConfig, SpectralConfig]:
             thr = float(thr)
         except ValueError:
             raise InputError(f"--edge-threshold must be 'auto' or a number, got {thr!r}") from None
+        # A correlation threshold of 1 or more keeps no edge (every column a singleton); a
+        # negative one would let anti-correlated pairs count as evidence of a mechanism.
+        if not 0.0 <= thr < 1.0:
+            raise InputError(f"--edge-threshold must be 'auto' or a correlation in [0, 1), got "
+                             f"{args.edge_threshold}")
     if not 0.0 <= args.tau < 1.0:
         raise InputError(f"--tau must be in [0, 1), got {args.tau}")
     try:
@@ -229,13 +592,16 @@ def _configs(args: argparse.Namespace) -> tuple[GraphConfig, SpectralConfig]:
                            recursive_split=not args.no_recursive_split)
     except ValidationError as err:
         e = err.errors()[0]
-        flag = "--" + str(e["loc"][0]).replace("_", "-")
+        field = str(e["loc"][0])
+        flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
         raise InputError(f"{flag}: {e['msg']}") from None
     return g, s
 
 
 def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole command; returns the summary. Raises InputError on bad input."""
+    """The whole command; returns the summary. Raises InputError (a UserError) on bad input
+    and StorageError when --out cannot be created; on any failure or interrupt the temporary
+    directory is removed and --out is left as it was."""
     from scalespd.backend import resolve_device  # noqa: PLC0415
     from scalespd.graph import build_graph  # noqa: PLC0415
     from scalespd.spectral.clustering import (  # noqa: PLC0415
@@ -251,11 +617,14 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
         device = resolve_device(args.device)
     except RuntimeError as err:
         raise InputError(f"--device: {err}") from None
-    X = open_matrix(args.profiles)
+    X, partial = open_matrix(args.profiles, args.allow_partial)
     M, N = (int(s) for s in X.shape)
     meta = read_metadata(args.components, N)
     out = Path(args.out)
-    tmp = prepare_out(out, args.overwrite)
+    inputs = [("PROFILES", Path(args.profiles))]
+    if args.components is not None:
+        inputs.append(("--components", Path(args.components)))
+    tmp = prepare_out(out, args.overwrite, inputs)
     try:
         timings: dict[str, float] = {}
         stats = column_stats(X, args.tau, str(args.profiles))
@@ -265,7 +634,9 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
         if alive.size == 0:
             raise InputError(f"no column of PROFILES {args.profiles} exceeds --tau {args.tau} "
                              f"(largest value {float(stats['max'].max()):.4g}); lower --tau")
-        log.info("%d of %d columns alive (max > %g), M = %d", alive.size, N, args.tau, M)
+        log.info("%d of %d columns alive (max > %g), M = %d%s", alive.size, N, args.tau, M,
+                 "" if partial is None else f" (finished blocks only: {partial['finished_blocks']}"
+                 f" of {partial['n_blocks']}, {M} of {partial['rows_total']} rows)")
 
         use_ray = args.executor == "ray" or (args.executor == "auto" and (
             alive.size >= _RAY_MIN_ALIVE or bool(os.environ.get("RAY_ADDRESS"))))
@@ -309,28 +680,57 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                        "executor": "ray" if use_ray else "local"},
             "inputs": {"profiles": str(args.profiles), "shape": [M, N], "dtype": str(X.dtype),
                        "components": None if args.components is None else str(args.components)},
+            # None, or which row blocks of an unfinished harvest were used (--allow-partial).
+            "partial": partial,
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        publish(tmp, out)
+        write_manifest(tmp, summary)
+        publish(tmp, out, args.overwrite)
         return summary
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    # `kill`, `ray job stop` and schedulers send SIGTERM: clean up as for Ctrl-C.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. Exit status 0; 2 (EXIT_USER_ERROR) with one `error:` line for a UserError or a
+    storage problem (disk full, read-only, permissions); 130 on Ctrl-C / SIGTERM. Anything else
+    is an internal bug and propagates with its traceback."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # signal handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         summary = run_cluster(args)
-    except (InputError, ValueError) as err:
+    except KeyboardInterrupt:
+        # run_cluster removed its temporary directory; outputs only ever appear complete.
+        print(f"\n{INTERRUPTED.format(out=args.out)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UserError as err:
         if args.verbose:
             log.exception("failed")
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Exception as err:
+        user = storage_error(err)
+        if user is None:
+            raise  # an internal bug: keep the traceback
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {user}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     sizes = summary["cluster_sizes"]
     print(f"{summary['n_alive']} of {summary['n_components']} columns alive, "
           f"{summary['n_edges']} edges, {summary['n_connected_components']} connected components,"

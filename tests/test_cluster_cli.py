@@ -169,8 +169,13 @@ def test_bad_flags_and_existing_output(planted, tmp_path, capsys):
     (out / "keep.txt").write_text("precious")
     _refused([d / "X.npy", "--out", out], capsys, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite replaces only a directory scalespd.cluster wrote (issue 17).
+    _refused([d / "X.npy", "--out", out, "--overwrite"], capsys, "no record")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    _ok([d / "X.npy", "--out", out])
     _ok([d / "X.npy", "--out", out, "--overwrite"])
-    assert (out / "clusters.csv").exists() and not (out / "keep.txt").exists()
+    assert (out / "clusters.csv").exists()
 
 
 def test_failure_midway_leaves_no_output(planted, tmp_path, monkeypatch):
