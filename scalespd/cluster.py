@@ -53,6 +53,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -205,7 +206,8 @@ def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str
     except ProfilesError as err:  # another problem (e.g. not a scalespd profiles array)
         raise InputError(f"PROFILES {profiles_dir}: {err}") from None
     M, N = (int(s) for s in arr.shape)
-    block_rows = arr.attrs[ATTR_KEY].get("block_rows")
+    attrs = arr.attrs.get(ATTR_KEY)
+    block_rows = attrs.get("block_rows") if isinstance(attrs, Mapping) else None
     if not isinstance(block_rows, int):
         raise InputError(f"PROFILES {profiles_dir}: {first}")
     try:
@@ -615,7 +617,7 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
     gcfg, scfg = _configs(args)
     try:
         device = resolve_device(args.device)
-    except RuntimeError as err:
+    except (RuntimeError, UserError) as err:  # "cuda" without a usable GPU library
         raise InputError(f"--device: {err}") from None
     X, partial = open_matrix(args.profiles, args.allow_partial)
     M, N = (int(s) for s in X.shape)

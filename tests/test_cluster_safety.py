@@ -267,23 +267,32 @@ def test_output_moved_aside_by_a_killed_overwrite_is_restored(ci, tmp_path, caps
     assert _tree(out) == before and _siblings(out) == []
 
 
-def test_sigkilled_run_leaves_a_partial_dir_that_the_next_run_removes(ci, tmp_path, capsys):
-    np.save(tmp_path / "ci.npy", ci)
-    out = tmp_path / "out"
+def _slow_run(npy: Path, out: Path, **kwargs) -> subprocess.Popen:
+    """`scalespd.cluster npy --out out` in a new process whose graph step hangs for a minute."""
     script = textwrap.dedent(f"""
-        import time
+        import sys, time
         import scalespd.graph
         from scalespd.cluster import main
         def slow(*args, **kwargs):
             time.sleep(60)
         scalespd.graph.build_graph = slow
-        main([{str(tmp_path / "ci.npy")!r}, "--out", {str(out)!r}])
+        sys.exit(main([{str(npy)!r}, "--out", {str(out)!r}]))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-c", script], **kwargs)
+
+
+def _wait_for_partial(out: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not _siblings(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_sigkilled_run_leaves_a_partial_dir_that_the_next_run_removes(ci, tmp_path, capsys):
+    np.save(tmp_path / "ci.npy", ci)
+    out = tmp_path / "out"
+    proc = _slow_run(tmp_path / "ci.npy", out, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not _siblings(out) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for_partial(out)
         assert [p.name for p in _siblings(out)] == [f".out.partial-{proc.pid}-{cluster._HOST}"]
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -291,6 +300,15 @@ def test_sigkilled_run_leaves_a_partial_dir_that_the_next_run_removes(ci, tmp_pa
     assert _siblings(out) and not out.exists()  # what SIGKILL leaves behind
     assert _run([tmp_path / "ci.npy", "--out", out], capsys)[0] == 0
     assert _siblings(out) == [] and (out / MANIFEST).exists()
+
+    # SIGTERM (kill, ray job stop, schedulers) is handled like Ctrl-C: cleaned up, status 130.
+    out2 = tmp_path / "out2"
+    proc = _slow_run(tmp_path / "ci.npy", out2, stderr=subprocess.PIPE, text=True)
+    _wait_for_partial(out2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "interrupted" in err and _siblings(out2) == [] and not out2.exists()
 
 
 # --------------------------------------------------------------------------------------------
