@@ -2,8 +2,10 @@
 
 The full reproductions (bench/results/repro_*.json) take from minutes to hours; here each config
 keeps its architecture, module patterns, C and clustering settings but trains for a few hundred
-steps on small batches, so this checks that the config and every stage fit together — and that
-the report scores the result against that toy's ground truth — not the paper's numbers.
+steps on small batches, so this checks that the config and every stage fit together and that the
+report scores the result against that toy's ground truth. Such short runs recover none or few of
+the larger toys' mechanisms, so only TMS 5-2 is held to a result: trained with the package's
+CPU-fast recipe (2000 SPD steps, ~20 s), it recovers all five encoder-decoder pairs.
 """
 
 from __future__ import annotations
@@ -30,8 +32,20 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Ground truth of each toy (digest §1.4): alive subcomponents a perfect decomposition has.
+EXPECTED_ALIVE = {"tms_5-2": 10, "tms_5-2-id": 12, "tms_40-10": 80, "tms_40-10-id": 90,
+                  "resid_mlp1": 150, "resid_mlp2": 250, "resid_mlp3": 357}
+
+
 def _scaled(name: str) -> dict:
     data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    if name == "tms_5-2":
+        # The built-in default's SPD recipe (DecomposeConfig), which recovers TMS 5-2.
+        return _merge(data, {"target": {"train": {"steps": 2000}},
+                             "decompose": {"steps": 2000, "batch_size": 512,
+                                           "schedule": {"lr": 0.01, "fn": "cosine",
+                                                        "final_frac": 0.0},
+                                           "save_every": 1000}})
     train = data["target"].get("train", {"schedule": {"lr": 3e-3}})
     over = {
         "target": {"train": {**train, "steps": 200, "batch_size": 256}},
@@ -61,7 +75,8 @@ def test_scaled_down_config_runs_end_to_end(name: str, tmp_path: Path, ray_local
     assert len(clusters) == n_sub
     assert clusters["component"].tolist() == list(range(n_sub))
     alive = clusters[clusters["alive"]]
-    assert (alive["cluster"] >= 0).all() and (clusters.loc[~clusters["alive"], "cluster"] == -1).all()
+    assert (alive["cluster"] >= 0).all()
+    assert (clusters.loc[~clusters["alive"], "cluster"] == -1).all()
 
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["n_components"] == n_sub
@@ -69,5 +84,9 @@ def test_scaled_down_config_runs_end_to_end(name: str, tmp_path: Path, ray_local
     assert sum(summary["cluster_sizes"]) == summary["n_alive"]
     gt = summary["ground_truth"]
     assert gt["mechanisms_total"] == cfg.target.n_features
-    assert 0 <= gt["mechanisms_recovered"] <= gt["mechanisms_total"]
+    assert gt["expected_alive"] == EXPECTED_ALIVE[name]
+    assert gt["n_nodes"] == summary["n_alive"]
+    if name == "tms_5-2":
+        assert summary["n_alive"] == 10, summary["n_alive"]
+        assert gt["mechanisms_recovered"] == 5 and gt["ari"] == pytest.approx(1.0), gt
     assert (tmp_path / "report" / "index.html").stat().st_size > 0
