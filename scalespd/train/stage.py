@@ -1,7 +1,7 @@
 """Decompose stage of `python -m scalespd.run`: run_dir/target -> run_dir/decompose.
 
 A finished decomposition made with the same target and decompose config is kept as it is; an
-interrupted one resumes from its latest Ray Train checkpoint (see `ray_train`). Outputs of a
+interrupted one resumes from its newest valid checkpoint on disk (see `ray_train`). Outputs of a
 different config are never reused or overwritten here: the orchestrator removes them when the
 user forces the stage.
 """
@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from scalespd.config import RunConfig
-from scalespd.train.io import read_final_meta
-from scalespd.train.ray_train import checkpoint_root, decompose_dir, latest_checkpoint_step, launch
+from scalespd.errors import RunDirError
+from scalespd.jsonio import write_json_atomic
+from scalespd.train.io import naming_file, read_final_meta
+from scalespd.train.ray_train import checkpoint_root, decompose_dir, launch
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +32,18 @@ def _config_record(cfg: RunConfig) -> dict[str, Any]:
 
 def _check_same_config(cfg: RunConfig, run_dir: Path) -> None:
     """Refuse to resume checkpoints (or keep a model) made with another config."""
-    from scalespd.run import RunDirError  # noqa: PLC0415  (run.py imports stages lazily)
-
     record = decompose_dir(run_dir) / CONFIG_RECORD
     if not record.exists():
         if checkpoint_root(run_dir).exists() or (decompose_dir(run_dir) / "final").exists():
             raise RunDirError(f"{decompose_dir(run_dir)} holds outputs without {CONFIG_RECORD}; "
                               f"refusing to reuse them (use --force decompose to redo)")
         return
-    if json.loads(record.read_text()) != _config_record(cfg):
+    try:
+        recorded = json.loads(record.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise RunDirError(f"{record} is unreadable ({err}); use --force decompose to redo the "
+                          f"decomposition") from None
+    if recorded != _config_record(cfg):
         raise RunDirError(f"{decompose_dir(run_dir)} was made with a different target/decompose "
                           f"config; use another --run-dir or --force decompose")
 
@@ -56,10 +61,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 "metrics": meta["metrics"], "skipped": True, "seconds": 0.0}
 
     decompose_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    (decompose_dir(run_dir) / CONFIG_RECORD).write_text(json.dumps(_config_record(cfg), indent=2))
-    resume_step = latest_checkpoint_step(run_dir)
+    record = decompose_dir(run_dir) / CONFIG_RECORD
+    if not record.exists():  # when it exists it matches (checked above): leave it alone
+        with naming_file(record):  # atomic: a full disk must not leave half a record
+            write_json_atomic(record, _config_record(cfg))
     t0 = time.perf_counter()
-    summary = launch(cfg, run_dir)
-    summary.update(resumed_from_step=resume_step, skipped=False,
-                   seconds=round(time.perf_counter() - t0, 3))
+    summary = launch(cfg, run_dir)  # holds resumed_from_step: the checkpoint it started from
+    summary.update(skipped=False, seconds=round(time.perf_counter() - t0, 3))
     return summary

@@ -26,7 +26,7 @@ from scalespd.config import RunConfig, parse_config
 from scalespd.targets import one_hot_inputs
 from scalespd.train import load_decomposition, read_final_meta
 from scalespd.train import stage as decompose_stage
-from scalespd.train.ray_train import checkpoint_root
+from scalespd.train.ray_train import checkpoint_root, latest_checkpoint_step
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,6 +116,9 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         while (left := _pgroup_alive(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.2)
         committed = _checkpoint_steps(run_dir)
+        # What a re-run resumes from: the newest valid checkpoint on disk, which may be newer
+        # than the newest one Ray's snapshot had recorded when the kill came.
+        on_disk = latest_checkpoint_step(run_dir)
         final_after_kill = read_final_meta(run_dir)
 
         t0 = time.perf_counter()
@@ -123,27 +126,26 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         second_s = time.perf_counter() - t0
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    print(f"\nkilled after {first_s:.1f} s at checkpoint(s) {committed}; "
+    print(f"\nkilled after {first_s:.1f} s at checkpoint(s) {committed} (on disk: {on_disk}); "
           f"resumed run {second_s:.1f} s")
-    return {"run_dir": run_dir, "left": left, "committed": committed, "res": res,
-            "final_after_kill": final_after_kill}
+    return {"run_dir": run_dir, "left": left, "committed": committed, "on_disk": on_disk,
+            "res": res, "final_after_kill": final_after_kill}
 
 
 def test_kill_and_resume_continues_from_checkpoint(resumed_run: dict[str, Any]) -> None:
     assert not resumed_run["left"], f"processes of the killed run survive: {resumed_run['left']}"
-    committed = resumed_run["committed"]
-    assert committed and max(committed) < STEPS, committed
+    committed, on_disk = resumed_run["committed"], resumed_run["on_disk"]
+    assert committed and max(committed) <= on_disk < STEPS, (committed, on_disk)
     assert resumed_run["final_after_kill"] is None
     res = resumed_run["res"]
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
 
     run_dir = resumed_run["run_dir"]
     attempts = [json.loads(x) for x in (run_dir / "decompose" / "attempts.jsonl").open()]
-    assert [(a["start_step"], a["resumed"]) for a in attempts] == [(0, False),
-                                                                   (max(committed), True)]
+    assert [(a["start_step"], a["resumed"]) for a in attempts] == [(0, False), (on_disk, True)]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["decompose"]["status"] == "complete"
-    assert manifest["stages"]["decompose"]["info"]["resumed_from_step"] == max(committed)
+    assert manifest["stages"]["decompose"]["info"]["resumed_from_step"] == on_disk
     assert manifest["stages"]["decompose"]["info"]["steps"] == STEPS
 
 
