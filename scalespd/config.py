@@ -434,6 +434,12 @@ class SpectralConfig(Cfg):
     paper's expected TMS 5-2+ID identity cluster, ResidMLP's identity-projection cluster);
     "connected" = one cluster per connected set of them in the k-NN graph (isolated ones become
     singletons)."""
+    alternative_always_on_fraction: Probability | None = 0.5
+    """"Report both": the graph is clustered a second time with the other always-on setting
+    (spectral/clusters_alternative.csv) when some alive subcomponent is always-on under either
+    setting, and the report scores both. If always_on_fraction is None, the alternative groups
+    the subcomponents active on more than this fraction; if it is set, the alternative is the
+    paper's setting (no group). None: no second clustering."""
     seed: Int = 0
     """Seed of k-means and the eigensolver's start vector."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -469,10 +475,6 @@ class ReportConfig(Cfg):
     mlp_out), not assigned to one feature."""
     tie_tol: NonNegFloat = 1e-3
     """Best and second-best one-hot CI closer than this -> a tie: no single feature assigned."""
-    always_on_fraction_alt: Probability = 0.5
-    """"Report both": when dense/always-on subcomponents exist, the report also scores the other
-    always-on setting. If spectral.always_on_fraction is None the alternative clustering uses
-    this fraction; if it is set, the alternative is the paper's setting (None)."""
 
 
 class RayConfig(Cfg):

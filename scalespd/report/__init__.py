@@ -6,7 +6,6 @@ Public API:
   stats.cluster_table, stats.cluster_stats, stats.edge_stats, stats.correlation_stats
   stage.run(cfg, run_dir), stage.build_report(cfg, artifacts, out_dir, ...)
   inputs.load_run(run_dir)                                     read the earlier stages' outputs
-  alternative.alternative_clustering(cfg, run_dir, artifacts)  the "report both" clustering
 
 run_dir/report/summary.json (DESIGN §4 keys first):
   n_components, n_alive, n_dead, n_edges, n_connected_components, n_isolated,
@@ -25,8 +24,9 @@ run_dir/report/summary.json (DESIGN §4 keys first):
     dense {n_dense, n_clusters_holding_dense, cluster, size, n_dense_in_cluster, purity,
     recovered, members}, features [{feature, members, layers, clusters, status}], label,
     always_on_fraction, n_clusters},
-  ground_truth_alternative: the same for the saved graph clustered with the other always-on
-    setting (present when dense or always-on subcomponents exist), plus n_always_on.
+  ground_truth_alternative: the same for the spectral stage's second clustering with the other
+    always-on setting (spectral/clusters_alternative.csv; present when some alive node is
+    always-on under either setting), plus n_always_on.
 run_dir/report/clusters.json: one record per cluster (largest first): cluster, size, layers,
   layer_span, module_types, modules, composition, members.
 """

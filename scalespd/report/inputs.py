@@ -51,6 +51,9 @@ class RunArtifacts:
     graph_threshold: float | None = None
     graph_summary: dict[str, Any] = field(default_factory=dict)
     spectral_info: dict[str, Any] = field(default_factory=dict)
+    # The "report both" clustering of the spectral stage (spectral/clusters_alternative.csv):
+    # {"label", "always_on_fraction", "n_always_on", "clusters": (n,) in alive_ids order}.
+    alternative: dict[str, Any] | None = None
 
     @property
     def alive(self) -> pd.DataFrame:
@@ -87,9 +90,11 @@ def read_components(profiles_dir: Path) -> pd.DataFrame:
     return df.set_index("component", drop=False).sort_index()
 
 
-def read_clusters(spectral_dir: Path, components: pd.DataFrame) -> pd.DataFrame:
-    """clusters.csv indexed by global component id, checked against components.csv."""
-    path = spectral_dir / "clusters.csv"
+def read_clusters(spectral_dir: Path, components: pd.DataFrame,
+                  name: str = "clusters.csv") -> pd.DataFrame:
+    """clusters.csv (or another table of the same columns) indexed by global component id,
+    checked against components.csv."""
+    path = spectral_dir / name
     df = _read_csv(path, CLUSTER_COLUMNS)
     df["alive"] = _as_bool(df["alive"])
     df = df.set_index("component", drop=False).sort_index()
@@ -101,6 +106,22 @@ def read_clusters(spectral_dir: Path, components: pd.DataFrame) -> pd.DataFrame:
     if (df["name"].astype(str).to_numpy() != components["name"].astype(str).to_numpy()).any():
         raise ReportInputError(f"{path}: component names differ from profiles/components.csv")
     return df
+
+
+def read_alternative(spectral_dir: Path, components: pd.DataFrame, alive_ids: np.ndarray
+                     ) -> dict[str, Any] | None:
+    """The spectral stage's second clustering (other always-on setting) in alive_ids order with
+    its description from spectra.json, or None when the stage wrote none."""
+    path = spectral_dir / "clusters_alternative.csv"
+    if not path.is_file():
+        return None
+    table = read_clusters(spectral_dir, components, path.name)
+    raw = json.loads((spectral_dir / "spectra.json").read_text())
+    meta = raw.get("alternative") if isinstance(raw, dict) else None
+    if not isinstance(meta, dict):
+        raise ReportInputError(f"{spectral_dir / 'spectra.json'}: no 'alternative' record for "
+                               f"{path.name}; re-run the spectral stage")
+    return {**meta, "clusters": table.loc[alive_ids, "cluster"].to_numpy(dtype=np.int64)}
 
 
 def read_spectral_info(spectral_dir: Path) -> dict[str, Any]:
@@ -193,6 +214,7 @@ def load_run(run_dir: Path) -> RunArtifacts:
         graph_threshold=thr,
         graph_summary=gsummary,
         spectral_info=read_spectral_info(run_dir / "spectral"),
+        alternative=read_alternative(run_dir / "spectral", components, alive_ids),
     )
 
 

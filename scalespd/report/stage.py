@@ -1,9 +1,10 @@
 """Report stage: summary.json, index.html and PNG plots from every earlier stage's output.
 
-`run(cfg, run_dir)` reads profiles/, graph/, spectral/ and manifest.json, scores toy targets
-against their known mechanisms (CI on one-hot inputs from the saved SPD model), and, when dense
-or always-on subcomponents exist, clusters the saved graph a second time with the other
-always-on setting so that both scorings are in the report (the TMS 5-2+ID failure case).
+`run(cfg, run_dir)` reads profiles/, graph/, spectral/ and manifest.json and scores toy targets
+against their known mechanisms (CI on one-hot inputs from the saved SPD model). When the
+spectral stage also clustered the graph with the other always-on setting
+(spectral/clusters_alternative.csv), both scorings are in the report (the TMS 5-2+ID failure
+case).
 `build_report` does everything after the model has been consulted and is what tests drive.
 """
 
@@ -29,6 +30,7 @@ from scalespd.report.stats import (
     group_members,
     pearson,
 )
+from scalespd.spectral.alternative import describe
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
         ci, ci_names = onehot_ci(cfg, run_dir)
         onehot = align_to_components(ci, ci_names, art.components["name"].astype(str).tolist())
-    alternative = None
-    if needs_alternative(cfg, art, onehot):
-        from scalespd.report.alternative import alternative_clustering  # noqa: PLC0415
-
-        alternative = alternative_clustering(cfg, run_dir, art)
-    summary = build_report(cfg, art, run_dir / "report", onehot=onehot, alternative=alternative,
-                           started=t0)
+    summary = build_report(cfg, art, run_dir / "report", onehot=onehot,
+                           alternative=art.alternative, started=t0)
     keys = ("n_alive", "n_clusters", "n_edges")
     out = {k: summary[k] for k in keys}
     if "ground_truth" in summary:
@@ -63,29 +60,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Deciding on the second clustering
+# Ground-truth assignment
 # --------------------------------------------------------------------------------------------
-
-
-def _always_on_mask(art: RunArtifacts, fraction: float) -> np.ndarray:
-    """(n,) alive nodes active (CI > tau) on more than `fraction` of the profile rows."""
-    if "frac_active" not in art.components.columns:
-        return np.zeros(len(art.alive_ids), dtype=bool)
-    return art.alive["frac_active"].to_numpy(dtype=float) > fraction
-
-
-def needs_alternative(cfg: RunConfig, art: RunArtifacts, onehot: np.ndarray | None) -> bool:
-    """Report both settings when the ground truth has dense subcomponents or some alive node is
-    always-on under either setting."""
-    if onehot is not None:
-        a = _assign(cfg, onehot[:, art.alive_ids], art)
-        if (a.labels == gt.DENSE).any():
-            return True
-    from scalespd.report.alternative import alternative_config  # noqa: PLC0415
-
-    alt = alternative_config(cfg).always_on_fraction
-    fractions = [f for f in (cfg.spectral.always_on_fraction, alt) if f]
-    return any(_always_on_mask(art, f).any() for f in fractions)
 
 
 def _assign(cfg: RunConfig, onehot_alive: np.ndarray, art: RunArtifacts
@@ -214,7 +190,6 @@ def _ground_truth(
     onehot_alive = onehot[:, art.alive_ids]
     assignment = _assign(cfg, onehot_alive, art)
     feature_layers, expected = _expected_structure(cfg, art)
-    from scalespd.report.alternative import describe  # noqa: PLC0415
 
     score = gt.score_clustering(assignment, art.clusters, layers, feature_layers, names)
     score.update(expected)

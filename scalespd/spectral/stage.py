@@ -2,7 +2,8 @@
 
 Writes `spectral/clusters.csv` (DESIGN §4 "Clusters") and `spectral/spectra.json` (per solved
 piece: key = smallest global column id, size, depth, eigenvalues, chosen K, solver; plus the
-clustering info). spectra.json is written last, each file atomically, so its presence marks a
+clustering info), and `spectral/clusters_alternative.csv` when the "report both" clustering with
+the other always-on setting can differ (see `scalespd.spectral.alternative`). spectra.json is written last, each file atomically, so its presence marks a
 complete output; a re-run simply recomputes both (the stage takes seconds).
 """
 
@@ -21,6 +22,7 @@ from scalespd.config import RunConfig
 from scalespd.errors import StageInputError
 from scalespd.graph import GraphResult
 from scalespd.jsonio import write_json_atomic
+from scalespd.spectral.alternative import alternative_config, describe, needs_alternative
 from scalespd.spectral.clustering import (
     AliveClustering,
     cluster_alive,
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CLUSTERS_FILE = "clusters.csv"
 SPECTRA_FILE = "spectra.json"
+# The "report both" clustering (see scalespd.spectral.alternative), same columns as clusters.csv.
+ALTERNATIVE_FILE = "clusters_alternative.csv"
 
 
 def check_graph_matches(graph: GraphResult, meta: pd.DataFrame, source: str) -> None:
@@ -44,15 +48,19 @@ def check_graph_matches(graph: GraphResult, meta: pd.DataFrame, source: str) -> 
         )
 
 
+def _write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
 def write_outputs(
     out_dir: Path, table: pd.DataFrame, result: AliveClustering, extra: dict[str, Any]
 ) -> None:
     """clusters.csv then spectra.json, each through a temp file + atomic rename."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SPECTRA_FILE).unlink(missing_ok=True)
-    tmp = out_dir / f".{CLUSTERS_FILE}.{os.getpid()}.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out_dir / CLUSTERS_FILE)
+    _write_csv_atomic(table, out_dir / CLUSTERS_FILE)
     doc = {"info": result.info, **extra, "pieces": result.spectra}
     write_json_atomic(out_dir / SPECTRA_FILE, doc, indent=1)
 
@@ -76,9 +84,23 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                            device=device)
     table = clusters_table(meta, graph.columns, graph.labels, result.labels)
     summary = cluster_summary(table)
-    extra = {"k_max": scfg.k_max, "seed": scfg.seed, "device": device,
-             "n_clusters": summary["n_clusters"]}
-    write_outputs(run_dir / "spectral", table, result, extra)
+    extra: dict[str, Any] = {"k_max": scfg.k_max, "seed": scfg.seed, "device": device,
+                             "n_clusters": summary["n_clusters"], "label": describe(scfg)}
+    out_dir = run_dir / "spectral"
+    (out_dir / ALTERNATIVE_FILE).unlink(missing_ok=True)
+    alt_cfg = alternative_config(scfg)
+    if alt_cfg is not None and needs_alternative(scfg, frac):
+        # "Report both": the same graph with the other always-on setting.
+        alt = cluster_alive(graph, alt_cfg, frac_active=frac, profiles=profiles, use_ray=True,
+                            device=device)
+        alt_table = clusters_table(meta, graph.columns, graph.labels, alt.labels)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_csv_atomic(alt_table, out_dir / ALTERNATIVE_FILE)
+        extra["alternative"] = {"label": describe(alt_cfg),
+                                "always_on_fraction": alt_cfg.always_on_fraction,
+                                "n_always_on": alt.info["n_always_on"],
+                                "n_clusters": cluster_summary(alt_table)["n_clusters"]}
+    write_outputs(out_dir, table, result, extra)
     log.info("spectral: %d clusters (%d singletons) from %d alive nodes in %.1f s",
              summary["n_clusters"], summary["n_singletons"], graph.columns.size,
              result.info["seconds"])
