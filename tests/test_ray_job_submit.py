@@ -97,6 +97,17 @@ def _processes_mentioning(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def _wait_for_dashboard(proc: subprocess.Popen, dashboard: str, deadline: float) -> bool:
+    """True once the head's dashboard answers; False if the head exits or time runs out."""
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).read()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
 @pytest.fixture
 def ray_head() -> Iterator[Head]:
     temp_dir = tempfile.mkdtemp(prefix="sjh_", dir="/tmp")  # short: Ray's socket paths
@@ -108,32 +119,34 @@ def ray_head() -> Iterator[Head]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port")}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           *[f"--{k}={v}" for k, v in ports.items()]]
+    # Free ports are picked, then released for `ray start` to bind: another process can take
+    # one in between. A head that exits early is therefore started again on fresh ports.
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    proc = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).read()
+        for attempt in range(3):
+            ports = {name: _free_port() for name in (
+                "port", "dashboard-port", "ray-client-server-port",
+                "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                "object-manager-port")}
+            cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                   "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                   f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                   *[f"--{k}={v}" for k, v in ports.items()]]
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+            if _wait_for_dashboard(proc, dashboard, time.monotonic() + 120):
                 break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ray head did not come up:\n"
-                                       + (Path(temp_dir) / "head.log").read_text()) from None
-                time.sleep(0.5)
+            _stop(proc)
+            if attempt == 2:
+                raise RuntimeError("ray head did not come up:\n"
+                                   + (Path(temp_dir) / "head.log").read_text())
         yield Head(proc, dashboard, env, temp_dir)
     finally:
-        _stop(proc)
+        if proc is not None:
+            _stop(proc)
         log.close()
         left = _processes_mentioning(temp_dir)
         subprocess.run(["rm", "-rf", temp_dir], check=False)
