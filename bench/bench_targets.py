@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--names", nargs="+", default=TOYS, help="configs/<name>.yaml targets")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "targets_train.json")
+    p.add_argument("--out", type=Path,
+                   default=Path(__file__).parent / "results" / "targets_train.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results = []

@@ -7,7 +7,8 @@ CI) is harvested over M rows with M x N float32 larger than 4 GiB, in-process, i
 process whose peak RSS (VmHWM) is recorded. Baselines measured in the same run and process:
   * forward_only: the same CI forward over the same block sizes with no stats and no writing;
   * np_save_block: raw uncompressed np.save of one block to the same disk.
-The baselines run after the harvest so that the recorded peak RSS is the harvest's. A smaller Ray run (2 actors) records rows/s and each actor's peak RSS. Scratch output is
+The baselines run after the harvest so that the recorded peak RSS is the harvest's. A smaller
+Ray run (2 actors) records rows/s and each actor's peak RSS. Scratch output is
 deleted at the end.
 """
 
@@ -190,7 +191,8 @@ def main() -> None:
                 local = q.get(timeout=5)
             except queue.Empty:
                 if not proc.is_alive():
-                    raise RuntimeError(f"benchmark child failed (exit code {proc.exitcode})")
+                    raise RuntimeError(
+                        f"benchmark child failed (exit code {proc.exitcode})") from None
         proc.join()
         shutil.rmtree(scratch / "local")
         ray_res = _ray_part(args)

@@ -41,7 +41,8 @@ def collect(run_dir: Path, wall_s: float | None = None) -> Path:
     record = {
         "benchmark": "reproduction",
         "name": cfg["name"],
-        "wall_seconds": wall_s if wall_s is not None else round(sum(v or 0 for v in stage_s.values()), 1),
+        "wall_seconds": (wall_s if wall_s is not None
+                         else round(sum(v or 0 for v in stage_s.values()), 1)),
         "stage_seconds": stage_s,
         "decompose_metrics": manifest["stages"].get("decompose", {}).get("info", {}).get("metrics"),
         "summary": summary,

@@ -1,7 +1,8 @@
 """Benchmark: SPD of the 1-layer residual MLP with the reference hyperparameters (issue 2 must-hold:
 100 alive mlp_in subcomponents, one per feature, and 50 alive mlp_out at tau = 0.1).
 
-    python bench/spd_resid_mlp1.py [--steps 20000] [--threads 2] [--out bench/results/spd_resid_mlp1.json]
+    python bench/spd_resid_mlp1.py [--steps 20000] [--threads 2]
+        [--out bench/results/spd_resid_mlp1.json]
 
 Trains the target with its recipe (1000 steps), then SPD: C = 100 per module, mlp CI [16],
 beta3 = 1e-5, p = 2, lr 2e-3 constant, batch 2048, faithfulness warm-up 200 @ lr 0.01 wd 0.1,
@@ -42,7 +43,8 @@ def main() -> None:
     target_s = time.perf_counter() - t0
 
     cfg = DecomposeConfig(
-        modules=[{"pattern": "layers.*.mlp_in", "C": 100}, {"pattern": "layers.*.mlp_out", "C": 100}],
+        modules=[{"pattern": "layers.*.mlp_in", "C": 100},
+                 {"pattern": "layers.*.mlp_out", "C": 100}],
         ci_fn="mlp", ci_hidden=[16],
         loss=LossConfig(importance_minimality=1e-5, p=2.0),
         schedule=ScheduleConfig(lr=2e-3), steps=args.steps, batch_size=2048,

@@ -115,7 +115,8 @@ def main() -> None:
         results[name] = bench_case(name, args.steps, args.warmup, device)
         r = results[name]
         print(f"{name}: SPD {r['spd']['steps_per_s']:.2f} steps/s "
-              f"({r['spd']['ms_per_step']:.1f} ms), target step {r['target_baseline']['ms_per_step']:.2f}"
+              f"({r['spd']['ms_per_step']:.1f} ms), target step "
+              f"{r['target_baseline']['ms_per_step']:.2f}"
               f" ms -> SPD step = {r['spd_step_over_target_step']}x target step", flush=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,

@@ -170,8 +170,10 @@ def run_case(name: str, params: dict, sklearn_budget: float, use_ray: bool) -> d
             adjusted_rand_score(lab[run_mask], local.labels[run_mask]), 4)
     best_ours = min(out["ours_local_s"], out.get("ours_ray_s", np.inf))
     out["speedup_vs_sklearn"] = round(sk["seconds"] / best_ours, 2)
-    print(f"[{name}] sklearn: {sk['seconds']} s ({'extrapolated from ' + str(sk['n_pieces_run']) + ' of ' + str(sk['n_pieces']) if sk['extrapolated'] else 'all'} "
-          f"pieces ≥ 3 nodes of {int(big.sum())}); speedup {out['speedup_vs_sklearn']}x", flush=True)
+    share = (f"extrapolated from {sk['n_pieces_run']} of {sk['n_pieces']}"
+             if sk["extrapolated"] else "all")
+    print(f"[{name}] sklearn: {sk['seconds']} s ({share} pieces ≥ 3 nodes of "
+          f"{int(big.sum())}); speedup {out['speedup_vs_sklearn']}x", flush=True)
     return out
 
 

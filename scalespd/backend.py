@@ -175,11 +175,11 @@ def kmeans_xp(
             break  # no assignment changed: every restart has converged
         prev = labels
         onehot = (labels[:, :, None] == ar[None, None, :]).astype(X.dtype)  # (I, n, k)
-        counts = onehot.sum(axis=1)  # (I, k)
-        # One GEMM for all restarts: (I·k, n) @ (n, d); a broadcast batched matmul would take
+        counts = onehot.sum(axis=1)  # (R, k)
+        # One GEMM for all restarts: (R·k, n) @ (n, d); a broadcast batched matmul would take
         # NumPy's slow non-BLAS path.
-        I = onehot.shape[0]
-        sums = (onehot.transpose(0, 2, 1).reshape(I * k, n) @ X).reshape(I, k, X.shape[1])
+        R = onehot.shape[0]
+        sums = (onehot.transpose(0, 2, 1).reshape(R * k, n) @ X).reshape(R, k, X.shape[1])
         # An emptied cluster keeps its old centre rather than becoming NaN.
         new = xp.where(counts[:, :, None] > 0, sums / xp.maximum(counts, 1)[:, :, None], C)
         shift = float(((new - C) ** 2).sum(axis=(1, 2)).max())
@@ -194,9 +194,10 @@ def kmeans_xp(
 
 
 def _sq_dists(X: Any, sq: Any, C: Any, xp: ModuleType) -> Any:
-    """Squared distances (I, n, k) between rows of X (n, d) and centres C (I, k, d)."""
-    I, k, d = C.shape
-    cross = (X @ C.reshape(I * k, d).T).reshape(X.shape[0], I, k).transpose(1, 0, 2)  # (I, n, k)
+    """Squared distances (R, n, k) between rows of X (n, d) and centres C (R, k, d) of R
+    restarts."""
+    R, k, d = C.shape
+    cross = (X @ C.reshape(R * k, d).T).reshape(X.shape[0], R, k).transpose(1, 0, 2)  # (R, n, k)
     return sq[None, :, None] - 2.0 * cross + (C * C).sum(axis=2)[:, None, :]
 
 

@@ -1,6 +1,7 @@
 """Every configuration model of a scalespd run.
 
-One YAML file describes a whole run (target -> decompose -> profiles -> graph -> spectral -> report).
+One YAML file describes a whole run (target -> decompose -> profiles -> graph -> spectral ->
+report).
 All models are frozen and reject unknown keys, so a typo in a YAML key is an error that names the
 field instead of a silently ignored setting. `RunConfig()` with no arguments *is* the built-in
 default run: a small TMS 5-2 decomposition that shows every stage on a laptop CPU in minutes.

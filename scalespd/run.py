@@ -170,8 +170,9 @@ class Manifest:
 
 def validate_run(cfg: RunConfig) -> None:
     """Checks that need more than the schema, done before any work starts: a `target.path`
-    that holds a saved target, a Ray address that answers, and decompose module patterns that match modules of the
-    target (the components are built on an untrained target, which is cheap for every toy)."""
+    that holds a saved target, a Ray address that answers, and decompose module patterns that
+    match modules of the target (the components are built on an untrained target, which is
+    cheap for every toy)."""
     from scalespd.raytools import check_reachable  # noqa: PLC0415
     from scalespd.targets import build_target, module_info, module_paths  # noqa: PLC0415
     from scalespd.targets.io import META_FILE, MODEL_FILE  # noqa: PLC0415

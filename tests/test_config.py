@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from scalespd.config import ConfigError, RunConfig, config_to_yaml, load_config, parse_config
 
@@ -56,7 +57,7 @@ def test_cross_field_checks() -> None:
 
 def test_configs_are_frozen() -> None:
     cfg = RunConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.graph.k = 3  # type: ignore[misc]
 
 

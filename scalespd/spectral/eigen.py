@@ -186,8 +186,8 @@ def smallest_eigenpairs(
     device: Literal["cpu", "cuda"] = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, Solver]:
     """The smallest `n_eig` eigenpairs of L v = λ D v for one connected graph W (n×n symmetric
-    CSR or dense array, positive weights, n ≥ n_eig). Returns λ (n_eig,) ascending, V (n, n_eig) D-orthonormal
-    with fixed signs, and the name of the solver used."""
+    CSR or dense array, positive weights, n ≥ n_eig). Returns λ (n_eig,) ascending, V (n, n_eig)
+    D-orthonormal with fixed signs, and the name of the solver used."""
     n = W.shape[0]
     if not 1 <= n_eig <= n:
         raise ValueError(f"n_eig must be in [1, {n}] for a graph of {n} nodes, got {n_eig}")

@@ -3,8 +3,9 @@
 Writes `spectral/clusters.csv` (DESIGN §4 "Clusters") and `spectral/spectra.json` (per solved
 piece: key = smallest global column id, size, depth, eigenvalues, chosen K, solver; plus the
 clustering info), and `spectral/clusters_alternative.csv` when the "report both" clustering with
-the other always-on setting can differ (see `scalespd.spectral.alternative`). spectra.json is written last, each file atomically, so its presence marks a
-complete output; a re-run simply recomputes both (the stage takes seconds).
+the other always-on setting can differ (see `scalespd.spectral.alternative`). spectra.json is
+written last, each file atomically, so its presence marks a complete output; a re-run simply
+recomputes them (the stage takes seconds).
 """
 
 from __future__ import annotations

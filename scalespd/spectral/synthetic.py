@@ -47,9 +47,9 @@ def planted_graph(
     """A symmetric weighted graph with planted clusters.
 
     components: for each connected component, its block (true cluster) sizes. Blocks are random
-    connected graphs of average degree ≈ `degree` with weights ~ U(weight_in); consecutive blocks of a component are joined by
-    `bridges` weak edges ~ U(weight_between). Nodes are shuffled so that blocks are not contiguous.
-    Returns W (n×n CSR float64), truth (n,) block id, component (n,) component id."""
+    connected graphs of average degree ≈ `degree` with weights ~ U(weight_in); consecutive blocks
+    of a component are joined by `bridges` weak edges ~ U(weight_between). Nodes are shuffled so
+    that blocks are not contiguous. Returns W (n×n CSR float64), truth (n,) block id, component (n,) component id."""
     rng = np.random.default_rng(seed)
     rows, cols, vals, truth, comp = [], [], [], [], []
     offset, block_id = 0, 0

@@ -83,7 +83,6 @@ def test_mean_correlation_matches_brute_force():
 
 
 def test_largest_component_mode_assigns_by_mean_correlation():
-    rng = np.random.default_rng(4)
     # One big mechanism group (a component of several blocks after union k-NN) plus small ones.
     X, truth = planted_profiles([9, 8, 7, 2, 1, 3], 1500, n_constant=1, seed=4)
     # Make the first three mechanisms co-fire weakly so they form one component.
