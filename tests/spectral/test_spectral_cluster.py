@@ -12,8 +12,8 @@ from sklearn.metrics import adjusted_rand_score
 from scalespd.config import SpectralConfig
 from scalespd.spectral import cluster_graph, cluster_graph_detailed, cluster_piece
 from scalespd.spectral.core import canonical_labels, piece_seed
-from scalespd.spectral.tasks import estimate_seconds, graph_pieces, pack_pieces
 from scalespd.spectral.synthetic import planted_graph
+from scalespd.spectral.tasks import estimate_seconds, graph_pieces, pack_pieces
 
 
 def _assorted(seed: int, n_components: int = 60) -> list[list[int]]:

@@ -64,8 +64,9 @@ def test_iterative_solvers_match_dense(solver, monkeypatch):
         assert used == "sparse"
     elif solver == "lobpcg":
         # The fallback when ARPACK does not converge.
-        import scalespd.spectral.eigen as eigen_mod
         from scipy.sparse.linalg import ArpackNoConvergence
+
+        import scalespd.spectral.eigen as eigen_mod
 
         def no_convergence(*args, **kwargs):
             raise ArpackNoConvergence("forced", np.zeros(0), np.zeros((0, 0)))
