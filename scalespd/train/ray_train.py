@@ -296,19 +296,22 @@ def _write_text(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def _write_checkpoint_dir(trainer: SPDTrainer, eval_metrics: dict[str, Any], step: int,
-                          root: Path) -> Path:
-    """Rank 0: a staging folder next to the checkpoints holding everything needed to resume and
-    inspect; `_commit_checkpoint` renames it into place when Ray Train uploads it."""
-    root.mkdir(parents=True, exist_ok=True)
-    d = root / f"{STAGING_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+def _staging_dir(root: Path, step: int) -> Path:
+    """Where rank 0 writes the checkpoint of `step` before `_commit_checkpoint` renames it into
+    place: in the checkpoint folder itself, so the commit is a rename on the same file system."""
+    return root / f"{STAGING_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+
+
+def _write_checkpoint_files(trainer: SPDTrainer, eval_metrics: dict[str, Any], step: int,
+                            d: Path) -> None:
+    """Rank 0: everything needed to resume and inspect, into the (new) folder `d`."""
     shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
+    with naming_file(d):
+        d.mkdir(parents=True)
     save_torch(trainer.state_dict(), d / STATE_FILE)
     _write_text(d / METRICS_FILE, json.dumps({"step": step, **eval_metrics}, indent=2))
     with naming_file(d / HEATMAP_FILE):
         trainer.save_ci_heatmap(d / HEATMAP_FILE)
-    return d
 
 
 def _commit_checkpoint(checkpoint: Any, dir_name: str) -> Any:
@@ -484,8 +487,9 @@ def _report_with_checkpoint(trainer: SPDTrainer, metrics: dict[str, Any], step: 
         return {}
     eval_metrics = _jsonable(trainer.evaluate())
     report.update({f"eval/{k}": v for k, v in eval_metrics.items()})
-    d = _write_checkpoint_dir(trainer, eval_metrics, step, root)
+    d = _staging_dir(root, step)
     try:
+        _write_checkpoint_files(trainer, eval_metrics, step, d)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
                          checkpoint_dir_name=checkpoint_name(step),
                          checkpoint_upload_fn=_commit_checkpoint)
