@@ -9,14 +9,20 @@ writes into DIR:
     clusters.csv     one row per column: component,name,layer,module,alive,connected_component,
                      cluster (−1 for dead / excluded columns)
     summary.json     counts (n_components, n_alive, n_edges, n_connected_components, n_clusters,
-                     cluster_sizes, layer_span_counts, ...), parameters, timings, and `partial`
-                     (null, or the finished row blocks used with --allow-partial)
+                     cluster_sizes, layer_span_counts, ...), parameters, timings (seconds per
+                     step, peak_rss_mb of this process and ray_worker_peak_rss_mb of the Ray
+                     workers), and `partial` (null, or the finished row blocks used with
+                     --allow-partial)
     components.csv   per-column statistics (max, mean, std, frac_active, alive) and metadata
     spectra.json     per-component eigenvalues and chosen K
     graph/           the k-NN graph (scalespd.graph.GraphResult.save)
     .scalespd-cluster.json   the record of every file above (written last)
 
-The input is only read, never written (a `.npy` file is memory-mapped read-only).
+The input is only read, never written, and never whole: a `.npy` file is read block by block
+through read-only mappings that last one read each (`scalespd.graph.source.NpyFile`), so its
+pages do not pile up in the resident set. With Ray, tasks get a small descriptor of PROFILES
+(path, kind, shape, dtype, row subset) and read their own column tiles from the file or zarr
+store; the matrix never enters Ray's object store (issue 16).
 
 Output safety. Everything is written into a temporary sibling directory
 (`.DIR.partial-<pid>-<host>`) that is renamed to DIR only when all of it is complete, so an
@@ -54,7 +60,6 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -72,6 +77,7 @@ from scalespd.errors import (
     UserError,
     storage_error,
 )
+from scalespd.graph.source import NpyFile, RowSubset, peak_rss_mb
 from scalespd.jsonio import write_json_atomic
 
 log = logging.getLogger("scalespd.cluster")
@@ -103,65 +109,6 @@ class InputError(UserError, ValueError):
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RowSubset:
-    """Read-only (M_sub, N) view of the row ranges `ranges` of X, in order: the finished row
-    blocks of an unfinished harvest (--allow-partial).
-
-    X: (M, N) zarr.Array; ranges: [start, stop) source row ranges, ascending, disjoint. Offers
-    what the graph and spectral code read: shape, dtype, chunks, `X[rows]`, `X[rows, cols]`
-    with a step-1 row slice, and `get_orthogonal_selection((row slice, cols))`. Each read
-    touches only the source rows it needs."""
-
-    X: Any
-    ranges: tuple[tuple[int, int], ...]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return sum(b - a for a, b in self.ranges), int(self.X.shape[1])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.X.dtype)
-
-    @property
-    def chunks(self) -> tuple[int, ...]:
-        # Blocks are whole row chunks of the source, so its chunking still aligns.
-        return tuple(self.X.chunks)
-
-    def source_row(self, r: int) -> int:
-        """The source row of subset row r."""
-        for a, b in self.ranges:
-            if r < b - a:
-                return a + r
-            r -= b - a
-        raise IndexError(r)
-
-    def _pieces(self, rows: slice) -> list[slice]:
-        """Source row slices covering subset rows `rows` (a step-1 slice)."""
-        r0, r1, step = rows.indices(self.shape[0])
-        if step != 1:
-            raise IndexError("RowSubset supports row slices with step 1 only")
-        out, offset = [], 0
-        for a, b in self.ranges:
-            lo, hi = max(r0, offset), min(r1, offset + b - a)
-            if lo < hi:
-                out.append(slice(a + lo - offset, a + hi - offset))
-            offset += b - a
-        return out or [slice(0, 0)]
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
-        parts = [np.asarray(self.X[s, cols]) for s in self._pieces(rows)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-    def get_orthogonal_selection(self, selection: tuple[slice, Any]) -> np.ndarray:
-        rows, cols = selection
-        parts = [np.asarray(self.X.get_orthogonal_selection((s, cols)))
-                 for s in self._pieces(rows)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _block_ranges(blocks: list[int], layout: Any) -> tuple[tuple[int, int], ...]:
@@ -237,7 +184,7 @@ def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str
 
 
 def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str, Any] | None]:
-    """The (M, N) profile matrix at `path`: .npy (memory-mapped read-only), a zarr array, or a
+    """The (M, N) profile matrix at `path`: .npy (an NpyFile, read-only), a zarr array, or a
     profiles directory holding ci.zarr; never read whole. The second value is None, or the
     record of the finished row blocks of an unfinished harvest (see `open_harvest`)."""
     partial = None
@@ -248,7 +195,8 @@ def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str,
             raise InputError(f"PROFILES {path} is empty (0 bytes); expected an array written "
                              "by np.save")
         try:
-            X = np.load(path, mmap_mode="r", allow_pickle=False)
+            # Read block by block, each through a mapping that lives for that read only.
+            X = NpyFile.open(path)
         except (ValueError, OSError, EOFError) as err:
             raise InputError(f"PROFILES {path} is not a readable .npy array ({err})") from None
     else:
@@ -330,14 +278,16 @@ def column_stats(X: Any, tau: float, source: str) -> pd.DataFrame:
     from scalespd.profiles import ColumnStats  # noqa: PLC0415
 
     M, N = (int(s) for s in X.shape)
-    chunk = int(getattr(X, "chunks", (M,))[0] or M)
+    # Whole zarr row chunks per read; an unchunked array (.npy) has no such constraint (a
+    # default of M rows here once read a whole .npy as float64 at once).
+    chunk = int(getattr(X, "chunks", (1,))[0] or 1)
     rows = max(1, _BLOCK_BYTES // (8 * N))
     rows = max(chunk, rows // chunk * chunk)  # whole zarr chunks per read
     source_row = getattr(X, "source_row", lambda r: r)  # a RowSubset maps to harvest rows
     total = ColumnStats.empty(N, tau)
     for r0 in range(0, M, rows):
         r1 = min(r0 + rows, M)
-        # Only read: for a float64 .npy this is a view of the memory map.
+        # (r1 - r0, N) float64; X is only read.
         block = np.asarray(X[r0:r1], dtype=np.float64)
         # One pass: NaN compares False, so `>= 0` fails for NaN and negatives; +inf is caught
         # by the max below (only a block that fails is scanned again to name the cell).
@@ -648,7 +598,10 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
             ensure_ray()
 
         t1 = time.perf_counter()
-        graph = build_graph(X, gcfg, columns=alive, device=device, use_ray=use_ray)
+        # Ray tasks open PROFILES themselves and read only their blocks; an input they could
+        # not open by path would be converted in the temporary output directory (removed).
+        graph = build_graph(X, gcfg, columns=alive, device=device, use_ray=use_ray,
+                            scratch_dir=tmp)
         graph.save(tmp / "graph")
         timings["graph_s"] = time.perf_counter() - t1
 
@@ -664,6 +617,11 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
         write_outputs(tmp, clusters, result, {"k_max": scfg.k_max, "seed": scfg.seed,
                                               "device": device})
         timings["total_s"] = time.perf_counter() - t0
+        # Peak resident memory next to the wall time: this process's over its life, and the
+        # largest a Ray worker reported from the graph tasks (a separate process; None
+        # without Ray). MiB; file pages mapped at the time count as resident.
+        timings["peak_rss_mb"] = peak_rss_mb()
+        worker_peak = graph.summary.get("ray_worker_peak_rss_mb")
         summary = {
             "n_components": N,
             "n_rows": M,
@@ -684,7 +642,8 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                        "components": None if args.components is None else str(args.components)},
             # None, or which row blocks of an unfinished harvest were used (--allow-partial).
             "partial": partial,
-            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "timings": {**{k: round(v, 4) for k, v in timings.items()},
+                        "ray_worker_peak_rss_mb": worker_peak},
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         write_manifest(tmp, summary)

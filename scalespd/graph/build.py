@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from scalespd.backend import array_module, resolve_device
 from scalespd.config import GraphConfig
 from scalespd.graph.knn import components, knn_graph
 from scalespd.graph.panels import panel_bounds, validate_columns, validate_matrix
+from scalespd.graph.source import SourceSpec, describe, peak_rss_mb, ray_source
 from scalespd.graph.stats import (
     ColumnStats,
     check_rows,
@@ -103,51 +105,79 @@ class GraphResult:
 # --------------------------------------------------------------------------------------------
 # Ray execution (the same functions as tasks)
 # --------------------------------------------------------------------------------------------
+# Tasks never receive the profile matrix: each gets a SourceSpec (a path and a header, a few
+# hundred bytes) and opens the file or zarr store itself, reading only its own blocks. Putting
+# the matrix in Ray's object store would materialise a memory-mapped .npy whole, copy it and
+# spill it to disk (issue 16). Every task also reports its worker's peak RSS.
+
+
+def _ray_panel_task(
+    spec: SourceSpec, cols: np.ndarray, n_rows: int, row_chunk: int
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float]:
+    """Pass 1 for one panel: (panel_moments of X[:, cols], this worker's peak RSS in MiB)."""
+    return panel_moments(spec.open(), cols, n_rows, row_chunk), peak_rss_mb()
 
 
 def _ray_block_task(
-    X: Any, columns: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+    spec: SourceSpec, columns: np.ndarray, mean: np.ndarray, scale: np.ndarray,
     geometry: tuple[int, int, int], a: int, k: int, threshold: float, device: str,
-) -> tuple[int, np.ndarray, np.ndarray]:
+) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """Pass 2 for row block a: (a, values, ids, this worker's peak RSS in MiB)."""
     n_rows, tile_cols, row_chunk = geometry
-    src = TileSource(X, columns, mean, scale, n_rows, tile_cols, row_chunk)
+    src = TileSource(spec.open(), columns, mean, scale, n_rows, tile_cols, row_chunk)
     v, i = row_block_topk(src, a, k, threshold, array_module(device))  # type: ignore[arg-type]
-    return a, v, i
+    return a, v, i, peak_rss_mb()
 
 
-def _ray_stats(X: Any, columns: np.ndarray, cfg: GraphConfig) -> ColumnStats:
+def _ray_stats(spec: SourceSpec, n_rows: int, columns: np.ndarray, cfg: GraphConfig,
+               peaks: list[float]) -> ColumnStats:
+    """Pass 1 as one Ray task per column panel; worker peak RSS appended to `peaks`."""
     import ray  # noqa: PLC0415
 
-    n_rows = int(X.shape[0])
-    x_ref = ray.put(X)
-    task = ray.remote(num_cpus=1)(panel_moments)
-    refs = [task.remote(x_ref, columns[p0:p1], n_rows, cfg.row_chunk)
+    task = ray.remote(num_cpus=1)(_ray_panel_task)
+    refs = [task.remote(spec, columns[p0:p1], n_rows, cfg.row_chunk)
             for p0, p1 in panel_bounds(columns.size, cfg.tile_cols)]
-    return stats_from_moments(n_rows, ray.get(refs))
+    parts = []
+    for moments, peak in ray.get(refs):
+        parts.append(moments)
+        peaks.append(peak)
+    return stats_from_moments(n_rows, parts)
 
 
 def _ray_blocks(
-    src: TileSource, k: int, threshold: float, device: str, todo: list[int]
+    src: TileSource, spec: SourceSpec, k: int, threshold: float, device: str, todo: list[int],
+    peaks: list[float] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Row blocks `todo` as Ray tasks; yields (a, values, ids) as tasks finish."""
+    """Row blocks `todo` of `src` as Ray tasks that read the matrix through `spec`; yields
+    (a, values, ids) as tasks finish and appends each worker's peak RSS to `peaks`."""
     import ray  # noqa: PLC0415
 
     task = ray.remote(_ray_block_task).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
-    shared = [ray.put(x) for x in (src.X, src.columns, src.mean, src.scale)]
+    # (n,) vectors shared by every task: put once rather than pickled into each.
+    shared = [ray.put(x) for x in (src.columns, src.mean, src.scale)]
     geometry = (src.n_rows, src.tile_cols, src.row_chunk)
     # Block a holds len(panels) - a tiles: submit the big ones first to balance the tail.
-    pending = [task.remote(*shared, geometry, a, k, threshold, device) for a in sorted(todo)]
+    # One list of arguments: Ray's typed `.remote` overloads stop at 8 parameters.
+    args: list[list[Any]] = [[spec, *shared, geometry, a, k, threshold, device]
+                             for a in sorted(todo)]
+    pending = [task.remote(*x) for x in args]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        a, v, i, peak = ray.get(done[0])
+        if peaks is not None:
+            peaks.append(peak)
+        yield a, v, i
 
 
-def _ray_topk(src: TileSource, k: int, threshold: float, device: str) -> tuple[np.ndarray, ...]:
-    """All row blocks as Ray tasks, merged: (n, k) values and ids (no checkpoint)."""
+def _ray_topk(src: TileSource, k: int, threshold: float, device: str,
+              spec: SourceSpec | None = None) -> tuple[np.ndarray, ...]:
+    """All row blocks as Ray tasks, merged: (n, k) values and ids (no checkpoint). spec: how
+    tasks open src.X (None: `ray_source(src.X)`, which may convert it once)."""
     vals, idx = empty_topk(src.columns.size, k)
-    for a, v, i in _ray_blocks(src, k, threshold, device, list(range(len(src.panels)))):
-        sa = src.panels[a][0]
-        vals[sa:], idx[sa:] = merge_topk(vals[sa:], idx[sa:], v, i, k)
+    with nullcontext(spec) if spec is not None else ray_source(src.X) as sp_:
+        for a, v, i in _ray_blocks(src, sp_, k, threshold, device, list(range(len(src.panels)))):
+            sa = src.panels[a][0]
+            vals[sa:], idx[sa:] = merge_topk(vals[sa:], idx[sa:], v, i, k)
     return vals, idx
 
 
@@ -192,16 +222,17 @@ def _pass2_key(src: TileSource, k: int, threshold: float) -> str:
 
 
 def _pass2(
-    src: TileSource, k: int, threshold: float, device: str, use_ray: bool,
-    checkpoint: Path | None, checkpoint_every_s: float,
+    src: TileSource, k: int, threshold: float, device: str, spec: SourceSpec | None,
+    checkpoint: Path | None, checkpoint_every_s: float, peaks: list[float],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All row blocks, in this process or as Ray tasks, merged into (n, k) lists."""
+    """All row blocks merged into (n, k) lists: as Ray tasks reading the matrix through
+    `spec`, or in this process when spec is None."""
     panels = src.panels
     ck = _Checkpoint(checkpoint, _pass2_key(src, k, threshold), src.columns.size, k,
                      len(panels), checkpoint_every_s)
     todo = [a for a in range(len(panels)) if not ck.done[a]]
-    if use_ray:
-        results = _ray_blocks(src, k, threshold, device, todo)
+    if spec is not None:
+        results = _ray_blocks(src, spec, k, threshold, device, todo, peaks)
     else:
         xp = array_module(device)  # type: ignore[arg-type]
         # A generator, so each block sees the floors (current k-th values) merged so far.
@@ -228,15 +259,21 @@ def build_graph(
     use_ray: bool = False,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 60.0,
+    scratch_dir: str | Path | None = None,
 ) -> GraphResult:
     """The correlation k-NN graph of the columns `columns` of X.
 
-    X: (M, N_total) zarr.Array or np.ndarray (read in (row_chunk, tile_cols) blocks, never
-    whole). columns: (n,) global ids of the alive columns (None: all), in node order.
-    device: "cpu" | "cuda" | "auto" for the tile math. use_ray: run the panels and row blocks
-    as Ray tasks (Ray must already be initialised, e.g. by scalespd.raytools.ensure_ray).
-    checkpoint: a file where pass 2 saves its merged lists every `checkpoint_every_s` seconds
-    and resumes from (when it belongs to the same inputs); the caller removes it when done.
+    X: (M, N_total) zarr.Array, np.ndarray / np.memmap, scalespd.graph.source.NpyFile or
+    RowSubset (read in (row_chunk, tile_cols) blocks, never whole). columns: (n,) global ids
+    of the alive columns (None: all), in node order. device: "cpu" | "cuda" | "auto" for the
+    tile math. use_ray: run the panels and row blocks as Ray tasks (Ray must already be
+    initialised, e.g. by scalespd.raytools.ensure_ray); the tasks open X themselves from its
+    file or store (`scalespd.graph.source.describe`) and read only their blocks. An X they
+    cannot open by path (an in-memory array) is first written once, streaming, to a chunked
+    zarr array in a temporary directory inside `scratch_dir` (the system temp directory when
+    None), logged and removed at the end. checkpoint: a file where pass 2 saves its merged
+    lists every `checkpoint_every_s` seconds and resumes from (when it belongs to the same
+    inputs); the caller removes it when done.
 
     Raises ValueError for a non-2-D or non-numeric X, fewer than 2 rows, an empty / repeated /
     out-of-range column selection, and NaN or inf values in the selected columns. When k is
@@ -256,42 +293,48 @@ def build_graph(
                                "(call scalespd.raytools.ensure_ray first)")
     timings: dict[str, float] = {}
 
-    # Pass 1: column statistics; constant columns are set aside.
-    stats = (_ray_stats(X, cols, cfg) if use_ray
-             else column_stats(X, cols, cfg.tile_cols, cfg.row_chunk))
-    timings["stats_s"] = time.perf_counter() - t0
-    active = np.flatnonzero(~stats.zero_var)
-    n, k = cols.size, cfg.k
-    if 1 < active.size <= k:
-        warnings.warn(
-            f"graph.k = {k} is not smaller than the number of non-constant columns "
-            f"({active.size}): every node keeps all of its candidate neighbours",
-            stacklevel=2,
-        )
+    # Ray tasks read X through `spec` (None: everything runs in this process); an X they
+    # cannot open by path is converted for the duration of the block. `peaks` collects the
+    # Ray workers' peak RSS (MiB) as each task reports it.
+    peaks: list[float] = []
+    with ray_source(X, scratch_dir) if use_ray else nullcontext(None) as spec:
+        # Pass 1: column statistics; constant columns are set aside.
+        stats = (_ray_stats(spec, n_rows, cols, cfg, peaks) if spec is not None
+                 else column_stats(X, cols, cfg.tile_cols, cfg.row_chunk))
+        timings["stats_s"] = time.perf_counter() - t0
+        active = np.flatnonzero(~stats.zero_var)
+        n, k = cols.size, cfg.k
+        if 1 < active.size <= k:
+            warnings.warn(
+                f"graph.k = {k} is not smaller than the number of non-constant columns "
+                f"({active.size}): every node keeps all of its candidate neighbours",
+                stacklevel=2,
+            )
 
-    # The edge threshold (data-derived unless given).
-    t1 = time.perf_counter()
-    threshold, tinfo = edge_threshold(
-        cfg.edge_threshold, stats.max_abs_z[active], X, cols[active], n_rows, cfg.row_chunk,
-        alpha=cfg.null_alpha, null_model=cfg.null_model, perm_cols=cfg.null_perm_cols,
-        seed=cfg.null_seed,
-    )
-    timings["threshold_s"] = time.perf_counter() - t1
-    log.info("graph: %d columns (%d constant), M = %d, edge threshold %.4f (%s)",
-             n, n - active.size, n_rows, threshold, tinfo["method"])
-
-    # Pass 2: tiled correlation with a running top-k over the non-constant columns.
-    t2 = time.perf_counter()
-    vals, idx = empty_topk(active.size, k)
-    # A threshold of 1 means chance explains even perfect correlations: no candidates at all.
-    if active.size and threshold < 1.0:
-        src = TileSource(
-            X, cols[active], stats.mean[active].astype(np.float32),
-            (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
-            n_rows, cfg.tile_cols, cfg.row_chunk,
+        # The edge threshold (data-derived unless given).
+        t1 = time.perf_counter()
+        threshold, tinfo = edge_threshold(
+            cfg.edge_threshold, stats.max_abs_z[active], X, cols[active], n_rows,
+            cfg.row_chunk, alpha=cfg.null_alpha, null_model=cfg.null_model,
+            perm_cols=cfg.null_perm_cols, seed=cfg.null_seed,
         )
-        vals, idx = _pass2(src, k, threshold, dev, use_ray, checkpoint, checkpoint_every_s)
-    timings["topk_s"] = time.perf_counter() - t2
+        timings["threshold_s"] = time.perf_counter() - t1
+        log.info("graph: %d columns (%d constant), M = %d, edge threshold %.4f (%s)",
+                 n, n - active.size, n_rows, threshold, tinfo["method"])
+
+        # Pass 2: tiled correlation with a running top-k over the non-constant columns.
+        t2 = time.perf_counter()
+        vals, idx = empty_topk(active.size, k)
+        # A threshold of 1 means chance explains even perfect correlations: no candidates.
+        if active.size and threshold < 1.0:
+            src = TileSource(
+                X, cols[active], stats.mean[active].astype(np.float32),
+                (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
+                n_rows, cfg.tile_cols, cfg.row_chunk,
+            )
+            vals, idx = _pass2(src, k, threshold, dev, spec, checkpoint, checkpoint_every_s,
+                               peaks)
+        timings["topk_s"] = time.perf_counter() - t2
 
     # Back to all n nodes: constant columns keep empty lists.
     topk_idx = np.full((n, k), -1, dtype=np.int64)
@@ -322,9 +365,15 @@ def build_graph(
         "n_components": n_comp,
         "n_isolated": int((sizes == 1).sum()),
         "largest_components": np.sort(sizes)[::-1][:20].tolist(),
-        "component_size_counts": {int(s): int(c) for s, c in zip(size_values, size_counts)},
+        "component_size_counts": {int(s): int(c) for s, c in
+                                  zip(size_values, size_counts, strict=True)},
         "device": dev,
         "ray": use_ray,
+        # Where Ray tasks read the matrix from (None in this process), and the largest peak RSS
+        # a Ray worker reported (over its life so far; None without Ray tasks).
+        "ray_source": None if spec is None else {
+            "kind": spec.kind, "path": spec.path, "converted": describe(X) is None},
+        "ray_worker_peak_rss_mb": round(max(peaks), 1) if peaks else None,
         "timings": {key: round(v, 4) for key, v in timings.items()},
         "config": cfg.model_dump(mode="json"),
     }

@@ -1,0 +1,325 @@
+"""Where the profile matrix lives, so that Ray tasks read their blocks from there (issue 16).
+
+A Ray task runs in another process. Handing it the matrix itself (`ray.put(X)`) materialises a
+memory-mapped `.npy` whole, copies it into the object store and spills it to disk: 13 GB peak
+for a 3.8 GB file. Instead a task gets a `SourceSpec` — path, kind, shape, dtype and an optional
+row subset, a few hundred bytes pickled — and opens the file or store itself
+(`SourceSpec.open`), reading only the (row_chunk, tile_cols) blocks it needs.
+
+    NpyFile      a `.npy` file read block by block through a mapping that lives for one read
+    RowSubset    the finished row blocks of an unfinished harvest (--allow-partial)
+    SourceSpec   the picklable descriptor; `describe(X)` builds one when X can be reopened
+    ray_source   a SourceSpec for any X: an X that cannot be reopened by path (an in-memory
+                 ndarray, a zarr array in a non-local store, ...) is written once, streaming,
+                 to a chunked zarr in a scratch directory that is removed afterwards
+
+On a multi-node Ray cluster the path must be on a file system every node mounts (as a run
+directory already must be).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Chunk shape of a converted in-memory matrix: ~16 MB float32 chunks, whole rows of a tile
+# panel, so a (row_chunk, tile_cols) read decodes few chunks.
+_CONVERT_CHUNK = (4096, 1024)
+
+
+# --------------------------------------------------------------------------------------------
+# .npy files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NpyFile:
+    """A `.npy` array on disk, read-only, read block by block.
+
+    Each read maps the file, copies the selected elements out and unmaps it again. A memory map
+    that stays open (np.load(mmap_mode="r")) keeps every page it ever touched in the process's
+    resident set: after one pass over a 3 GB file the process *looks* 3 GB big, in every Ray
+    worker that read it, and the mapped pages cannot be told apart from real allocations when
+    memory is measured. A mapping per read keeps the resident set at one block.
+
+    path: the file; shape, dtype, fortran_order, offset (byte offset of the data) come from its
+    header (`NpyFile.open`). Offers what the graph and spectral code read: shape, dtype, ndim,
+    `X[key]` and `get_orthogonal_selection((rows, cols))`, each returning a new ndarray that
+    the caller owns. There is deliberately no `__array__`: nothing reads the whole matrix by
+    accident."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    offset: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> NpyFile:
+        """The array of the .npy file at `path` (header parsed and checked by np.load).
+
+        Raises what np.load raises for a file that is not a readable .npy array (ValueError,
+        OSError, EOFError)."""
+        m = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            return cls.from_memmap(m)
+        finally:
+            del m  # unmaps
+
+    @classmethod
+    def from_memmap(cls, m: np.memmap) -> NpyFile:
+        """The file behind `m`, a whole-file memory map as np.load(mmap_mode=...) returns it."""
+        fortran = bool(m.flags.f_contiguous and not m.flags.c_contiguous)
+        return cls(os.path.abspath(str(m.filename)), tuple(int(s) for s in m.shape),
+                   np.dtype(m.dtype), fortran, int(m.offset))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def _map(self) -> np.memmap:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
+                         shape=self.shape, order="F" if self.fortran_order else "C")
+
+    @staticmethod
+    def _owned(part: np.ndarray, m: np.memmap) -> np.ndarray:
+        """`part` (read from the map m) as a plain ndarray that does not reference m."""
+        if np.may_share_memory(part, m):  # a view of the map: copy it out
+            return np.array(part, subok=False)
+        return part.view(np.ndarray)  # fancy indexing already made a copy
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        m = self._map()
+        try:
+            return self._owned(np.asarray(m[key]), m)
+        finally:
+            del m  # the last reference: the file is unmapped here
+
+    def get_orthogonal_selection(self, selection: tuple[Any, Any]) -> np.ndarray:
+        """X[rows][:, cols] (zarr's outer indexing) for a row slice and column ids."""
+        rows, cols = selection
+        m = self._map()
+        try:
+            return self._owned(np.asarray(m[rows][:, cols]), m)
+        finally:
+            del m
+
+
+# --------------------------------------------------------------------------------------------
+# Row subsets (unfinished harvests)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSubset:
+    """Read-only (M_sub, N) view of the row ranges `ranges` of X, in order: the finished row
+    blocks of an unfinished harvest (--allow-partial).
+
+    X: (M, N) zarr.Array (or NpyFile); ranges: [start, stop) source row ranges, ascending,
+    disjoint. Offers what the graph and spectral code read: shape, dtype, chunks, `X[rows]`,
+    `X[rows, cols]` with a step-1 row slice, and `get_orthogonal_selection((row slice, cols))`.
+    Each read touches only the source rows it needs."""
+
+    X: Any
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(b - a for a, b in self.ranges), int(self.X.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.X.dtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        # Blocks are whole row chunks of the source, so its chunking still aligns.
+        return tuple(getattr(self.X, "chunks", (1, self.X.shape[1])))
+
+    def source_row(self, r: int) -> int:
+        """The source row of subset row r."""
+        for a, b in self.ranges:
+            if r < b - a:
+                return a + r
+            r -= b - a
+        raise IndexError(r)
+
+    def _pieces(self, rows: slice) -> list[slice]:
+        """Source row slices covering subset rows `rows` (a step-1 slice)."""
+        r0, r1, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("RowSubset supports row slices with step 1 only")
+        out, offset = [], 0
+        for a, b in self.ranges:
+            lo, hi = max(r0, offset), min(r1, offset + b - a)
+            if lo < hi:
+                out.append(slice(a + lo - offset, a + hi - offset))
+            offset += b - a
+        return out or [slice(0, 0)]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        parts = [np.asarray(self.X[s, cols]) for s in self._pieces(rows)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def get_orthogonal_selection(self, selection: tuple[slice, Any]) -> np.ndarray:
+        rows, cols = selection
+        parts = [np.asarray(self.X.get_orthogonal_selection((s, cols)))
+                 for s in self._pieces(rows)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The descriptor handed to Ray tasks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How another process opens the profile matrix: small and picklable.
+
+    kind: "npy" (a .npy file; offset / fortran_order from its header) or "zarr" (a zarr array
+    in a local directory). shape, dtype: of the stored array (M, N). rows: None, or the
+    [start, stop) row ranges of a RowSubset, so the opened matrix is (sum of ranges, N)."""
+
+    kind: Literal["npy", "zarr"]
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int = 0
+    fortran_order: bool = False
+    rows: tuple[tuple[int, int], ...] | None = None
+
+    def open(self) -> Any:
+        """The matrix, read-only, as an object the graph code reads blocks from (NpyFile,
+        zarr.Array, or a RowSubset of one). Checks that the store still holds what was
+        described, so a file replaced in between is an error rather than wrong results."""
+        X: Any
+        if self.kind == "npy":
+            X = NpyFile(self.path, self.shape, np.dtype(self.dtype), self.fortran_order,
+                        self.offset)
+        else:
+            import zarr  # noqa: PLC0415
+
+            X = zarr.open_array(self.path, mode="r")
+            if tuple(X.shape) != self.shape or str(X.dtype) != self.dtype:
+                raise RuntimeError(
+                    f"{self.path} changed while it was being read: shape {tuple(X.shape)} "
+                    f"dtype {X.dtype}, expected {self.shape} {self.dtype}")
+        return X if self.rows is None else RowSubset(X, self.rows)
+
+
+def _zarr_local_path(X: Any) -> str | None:
+    """The directory of zarr array X when it lives in a local directory store, else None."""
+    try:
+        from zarr.storage import LocalStore  # noqa: PLC0415
+    except ImportError:  # pragma: no cover  (zarr is a dependency)
+        return None
+    store = getattr(X, "store", None)
+    if not isinstance(store, LocalStore) or not hasattr(X, "get_orthogonal_selection"):
+        return None
+    return os.path.join(str(store.root), str(getattr(X, "path", "") or ""))
+
+
+def describe(X: Any) -> SourceSpec | None:
+    """A SourceSpec that reopens X in another process, or None when X cannot be reopened by
+    path (an in-memory ndarray, a view of a memory map, a zarr array in memory or remote).
+
+    X: (M, N) NpyFile, whole-file np.memmap (np.load(mmap_mode="r" / "r+")), zarr.Array in a
+    LocalStore, or a RowSubset of one of these."""
+    if isinstance(X, RowSubset):
+        inner = describe(X.X)
+        if inner is None or inner.rows is not None:
+            return None
+        return SourceSpec(inner.kind, inner.path, inner.shape, inner.dtype, inner.offset,
+                          inner.fortran_order, tuple((int(a), int(b)) for a, b in X.ranges))
+    if isinstance(X, NpyFile):
+        return SourceSpec("npy", X.path, X.shape, X.dtype.str, X.offset, X.fortran_order)
+    if isinstance(X, np.memmap):
+        # Only the map np.load / np.memmap made (its buffer is the mmap itself): a view of it
+        # carries the parent's offset and would describe the wrong bytes. A copy-on-write map
+        # ("c") may hold changes that are not in the file.
+        whole = isinstance(X.base, mmap.mmap) and (X.flags.c_contiguous or X.flags.f_contiguous)
+        if not whole or X.mode == "c" or not X.filename:
+            return None
+        f = NpyFile.from_memmap(X)
+        return SourceSpec("npy", f.path, f.shape, f.dtype.str, f.offset, f.fortran_order)
+    path = _zarr_local_path(X)
+    if path is not None:
+        return SourceSpec("zarr", path, tuple(int(s) for s in X.shape), str(X.dtype))
+    return None
+
+
+def write_zarr(X: Any, path: Path, row_block: int = _CONVERT_CHUNK[0]) -> SourceSpec:
+    """Copy the (M, N) matrix X to a new chunked zarr array at `path`, `row_block` rows at a
+    time (only one block of X is in memory at once), and describe it."""
+    import zarr  # noqa: PLC0415
+
+    M, N = (int(s) for s in X.shape)
+    dtype = np.dtype(X.dtype)
+    z = zarr.create_array(str(path), shape=(M, N), dtype=dtype,
+                          chunks=(min(M, _CONVERT_CHUNK[0]), min(N, _CONVERT_CHUNK[1])))
+    step = max(1, row_block // _CONVERT_CHUNK[0]) * _CONVERT_CHUNK[0]  # whole chunks per write
+    for r0 in range(0, M, step):
+        r1 = min(r0 + step, M)
+        z[r0:r1] = np.asarray(X[r0:r1], dtype=dtype)
+    return SourceSpec("zarr", str(path), (M, N), str(dtype))
+
+
+@contextmanager
+def ray_source(X: Any, scratch_dir: str | Path | None = None) -> Iterator[SourceSpec]:
+    """A SourceSpec of X for Ray tasks, valid inside the `with` block.
+
+    When X cannot be reopened by path (`describe` is None) it is written once, streaming, to
+    a chunked zarr array in a new temporary directory inside `scratch_dir` (the system's temp
+    directory when None), said in the log, and deleted when the block ends."""
+    spec = describe(X)
+    if spec is not None:
+        yield spec
+        return
+    M, N = (int(s) for s in X.shape)
+    nbytes = M * N * np.dtype(X.dtype).itemsize
+    if scratch_dir is not None:
+        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".profiles-for-ray-", dir=scratch_dir))
+    try:
+        log.info("graph: the (%d, %d) %s profile matrix (%s, %.2f GB) cannot be opened by path "
+                 "in Ray workers; writing it once, streaming, to a chunked zarr array in %s "
+                 "(removed when done) so that tasks read only their blocks", M, N,
+                 np.dtype(X.dtype), type(X).__name__, nbytes / 1e9, tmp)
+        spec = write_zarr(X, tmp / "profiles.zarr")
+        yield spec
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux: VmHWM via getrusage;
+    it counts file pages mapped at the time as well as allocations)."""
+    try:
+        import resource  # noqa: PLC0415  (not on Windows)
+    except ImportError:  # pragma: no cover
+        import psutil  # noqa: PLC0415
+
+        info = psutil.Process().memory_info()
+        return float(getattr(info, "peak_wset", info.rss)) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
