@@ -465,17 +465,23 @@ class ReportConfig(Cfg):
     """Rows of the cluster table in index.html (largest clusters first); summary.json has all."""
     max_members_listed: PosInt = 40
     """Member names listed per cluster in the HTML table."""
-    onehot_value: PosFloat = ONE_HOT_VALUE
-    """Ground truth (toy targets): causal importances on one-hot inputs x_i = onehot_value (the SPD
-    papers' CI-heatmap convention)."""
     gt_tau: Fraction | None = None
-    """A subcomponent "serves" a one-hot input when its CI there exceeds this (None:
-    profiles.tau)."""
+    """Ground truth (toys): a subcomponent "serves" a one-hot input when its CI there (recorded
+    by the evaluate stage) exceeds this (None: profiles.tau)."""
     dense_fraction: Fraction = 0.5
     """Served by more than this fraction of the one-hot inputs -> "dense" (TMS identity, ResidMLP
     mlp_out), not assigned to one feature."""
     tie_tol: NonNegFloat = 1e-3
     """Best and second-best one-hot CI closer than this -> a tie: no single feature assigned."""
+
+
+class EvaluateConfig(Cfg):
+    """Work on the trained model after clustering, written for the report to read (toys: the
+    causal importances on one-hot inputs and the ground truth)."""
+
+    onehot_value: PosFloat = ONE_HOT_VALUE
+    """Value x_f of the one-hot inputs on which the causal importances are recorded (the SPD
+    papers' CI-heatmap convention)."""
 
 
 class RayConfig(Cfg):
@@ -509,6 +515,8 @@ class RunConfig(Cfg):
     """Correlation k-NN graph."""
     spectral: SpectralConfig = SpectralConfig()
     """Spectral clustering."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Work on the model after clustering (one-hot CI and ground truth for toys)."""
     report: ReportConfig = ReportConfig()
     """Report and summary."""
     ray: RayConfig = RayConfig()

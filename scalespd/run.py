@@ -2,7 +2,8 @@
 
 `--show-config` prints the resolved config with each field's meaning and exits.
 
-Runs the pipeline target -> decompose -> profiles -> graph -> spectral -> report on one node
+Runs the pipeline target -> decompose -> profiles -> graph -> spectral -> evaluate -> report
+on one node
 (Ray in-process) or, under `ray job submit`, on the job's Ray cluster. Each stage reads the
 previous stage's outputs from the run directory; a stage recorded as complete in
 `manifest.json` is skipped on re-run, and `--force STAGE` redoes it (and every stage after it,
@@ -50,7 +51,8 @@ from scalespd.jsonio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("scalespd")
 
-STAGES: tuple[str, ...] = ("target", "decompose", "profiles", "graph", "spectral", "report")
+STAGES: tuple[str, ...] = ("target", "decompose", "profiles", "graph", "spectral", "evaluate",
+                           "report")
 # Each stage module exposes `run(cfg: RunConfig, run_dir: Path) -> dict` returning a small
 # JSON-able summary for the manifest, and writes under run_dir/<stage>.
 STAGE_MODULES: dict[str, str] = {
@@ -59,11 +61,12 @@ STAGE_MODULES: dict[str, str] = {
     "profiles": "scalespd.profiles.stage",
     "graph": "scalespd.graph.stage",
     "spectral": "scalespd.spectral.stage",
+    "evaluate": "scalespd.evaluate.stage",
     "report": "scalespd.report.stage",
 }
 # Which config sections each stage depends on (a change there makes its output stale). Each
 # stage depends on the sections of every stage before it: its inputs are their outputs.
-_OWN_SECTIONS = ("target", "decompose", "profiles", "graph", "spectral", "report")
+_OWN_SECTIONS = ("target", "decompose", "profiles", "graph", "spectral", "evaluate", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     s: _OWN_SECTIONS[: i + 1] for i, s in enumerate(STAGES)
 }

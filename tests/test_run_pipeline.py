@@ -30,7 +30,7 @@ def test_force_redoes_stage_and_later_ones(tmp_path: Path, fake_stages: list[str
     runmod.run_pipeline(cfg, tmp_path)
     fake_stages.clear()
     runmod.run_pipeline(cfg, tmp_path, force=["graph"])
-    assert fake_stages == ["graph", "spectral", "report"]
+    assert fake_stages == ["graph", "spectral", "evaluate", "report"]
 
 
 def test_stages_subset(tmp_path: Path, fake_stages: list[str]) -> None:
@@ -48,7 +48,7 @@ def test_changed_config_is_refused_then_forced(tmp_path: Path, fake_stages: list
     assert (tmp_path / "spectral" / "done.txt").exists()
     fake_stages.clear()
     runmod.run_pipeline(changed, tmp_path, force=["spectral"])
-    assert fake_stages == ["spectral", "report"]
+    assert fake_stages == ["spectral", "evaluate", "report"]
     assert (tmp_path / "config.previous.yaml").read_text() == before
 
 
@@ -67,7 +67,7 @@ def test_interrupted_stage_reruns(tmp_path: Path, fake_stages: list[str]) -> Non
     graph_mod.run = real_run
     fake_stages.clear()
     runmod.run_pipeline(RunConfig(), tmp_path)
-    assert fake_stages == ["graph", "spectral", "report"]
+    assert fake_stages == ["graph", "spectral", "evaluate", "report"]
 
 
 
@@ -154,14 +154,14 @@ def test_interrupted_forced_stage_leaves_no_stale_later_stage(
     stages = _manifest(tmp_path)["stages"]
     assert stages["target"]["status"] == stages["decompose"]["status"] == "complete"
     assert stages["profiles"]["status"] == "interrupted"
-    for s in ("graph", "spectral", "report"):
+    for s in ("graph", "spectral", "evaluate", "report"):
         assert stages[s]["status"] == "invalidated", stages[s]
         assert not (tmp_path / s).exists()
 
     profiles_mod.run = real_run
     fake_stages.clear()
     runmod.run_pipeline(RunConfig(), tmp_path)  # no --force needed: it resumes at profiles
-    assert fake_stages == ["profiles", "graph", "spectral", "report"]
+    assert fake_stages == ["profiles", "graph", "spectral", "evaluate", "report"]
     assert (tmp_path / "profiles" / "partial.bin").exists()  # resume keeps partial outputs
 
 

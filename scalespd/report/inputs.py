@@ -54,6 +54,10 @@ class RunArtifacts:
     # The "report both" clustering of the spectral stage (spectral/clusters_alternative.csv):
     # {"label", "always_on_fraction", "n_always_on", "clusters": (n,) in alive_ids order}.
     alternative: dict[str, Any] | None = None
+    # Written by the evaluate stage for toy targets: (F, N) CI on one-hot inputs in components
+    # order, and the target's ground truth (`scalespd.targets.ground_truth`).
+    onehot: np.ndarray | None = None
+    truth: dict[str, Any] | None = None
 
     @property
     def alive(self) -> pd.DataFrame:
@@ -122,6 +126,20 @@ def read_alternative(spectral_dir: Path, components: pd.DataFrame, alive_ids: np
         raise ReportInputError(f"{spectral_dir / 'spectra.json'}: no 'alternative' record for "
                                f"{path.name}; re-run the spectral stage")
     return {**meta, "clusters": table.loc[alive_ids, "cluster"].to_numpy(dtype=np.int64)}
+
+
+def read_evaluation(evaluate_dir: Path, components: pd.DataFrame) -> dict[str, Any]:
+    """{"onehot": (F, N) float32, "truth": dict} from the evaluate stage (toys), or Nones when
+    it wrote no one-hot CI."""
+    path = evaluate_dir / "onehot_ci.npy"
+    if not path.is_file():
+        return {"onehot": None, "truth": None}
+    onehot = np.load(path, allow_pickle=False)
+    if onehot.ndim != 2 or onehot.shape[1] != len(components):
+        raise ReportInputError(f"{path}: shape {onehot.shape}, expected (F, {len(components)}) "
+                               "(one column per component); re-run the evaluate stage")
+    truth = json.loads((evaluate_dir / "ground_truth.json").read_text())
+    return {"onehot": onehot, "truth": truth}
 
 
 def read_spectral_info(spectral_dir: Path) -> dict[str, Any]:
@@ -215,6 +233,7 @@ def load_run(run_dir: Path) -> RunArtifacts:
         graph_summary=gsummary,
         spectral_info=read_spectral_info(run_dir / "spectral"),
         alternative=read_alternative(run_dir / "spectral", components, alive_ids),
+        **read_evaluation(run_dir / "evaluate", components),
     )
 
 

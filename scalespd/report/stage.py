@@ -1,11 +1,12 @@
 """Report stage: summary.json, index.html and PNG plots from every earlier stage's output.
 
-`run(cfg, run_dir)` reads profiles/, graph/, spectral/ and manifest.json and scores toy targets
-against their known mechanisms (CI on one-hot inputs from the saved SPD model). When the
+`run(cfg, run_dir)` reads profiles/, graph/, spectral/, evaluate/ and manifest.json, and scores
+toy targets against their known mechanisms (the evaluate stage's CI on one-hot inputs and
+ground truth). It only reads files: no model, no torch. When the
 spectral stage also clustered the graph with the other always-on setting
 (spectral/clusters_alternative.csv), both scorings are in the report (the TMS 5-2+ID failure
 case).
-`build_report` does everything after the model has been consulted and is what tests drive.
+`build_report` does the work and is what tests drive.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from scalespd.config import RunConfig
 from scalespd.jsonio import write_json_atomic
 from scalespd.report import groundtruth as gt
 from scalespd.report import plots
-from scalespd.report.inputs import RunArtifacts, load_run, read_profile_columns
+from scalespd.report.inputs import (
+    ReportInputError,
+    RunArtifacts,
+    load_run,
+    read_profile_columns,
+)
 from scalespd.report.stats import (
     cluster_stats,
     cluster_table,
@@ -34,22 +40,13 @@ from scalespd.spectral.alternative import describe
 
 log = logging.getLogger(__name__)
 
-TOY_KINDS = ("tms", "resid_mlp")
-
-
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Write run_dir/report/{summary.json, index.html, clusters.json, *.png}; return a small
     summary for the manifest."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     art = load_run(run_dir)
-    onehot = None
-    if cfg.target.kind in TOY_KINDS:
-        from scalespd.report.onehot import align_to_components, onehot_ci  # noqa: PLC0415
-
-        ci, ci_names = onehot_ci(cfg, run_dir)
-        onehot = align_to_components(ci, ci_names, art.components["name"].astype(str).tolist())
-    summary = build_report(cfg, art, run_dir / "report", onehot=onehot,
+    summary = build_report(cfg, art, run_dir / "report", onehot=art.onehot,
                            alternative=art.alternative, started=t0)
     keys = ("n_alive", "n_clusters", "n_edges")
     out = {k: summary[k] for k in keys}
@@ -217,7 +214,7 @@ def _ground_truth(
         onehot_alive[:, order], [names[j] for j in order], out_dir / "onehot_ci.png",
         boundaries=np.flatnonzero(np.diff(sorted_c) != 0) + 1),
         "Causal importance on one-hot inputs (x_f = "
-        f"{cfg.report.onehot_value}), alive subcomponents ordered by cluster"))
+        f"{cfg.evaluate.onehot_value}), alive subcomponents ordered by cluster"))
     return tables
 
 
@@ -225,9 +222,10 @@ def _expected_structure(cfg: RunConfig, art: RunArtifacts) -> tuple[set[int] | N
                                                                    dict[str, Any]]:
     """Layers every feature mechanism must cover (decomposed feature-serving modules) and the
     target's expected counts, from `scalespd.targets.ground_truth`."""
-    from scalespd.targets import ground_truth  # noqa: PLC0415
-
-    truth = ground_truth(cfg.target)
+    truth = art.truth
+    if truth is None:
+        raise ReportInputError("the evaluate stage wrote one-hot CI without ground_truth.json; "
+                               "re-run the evaluate stage")
     decomposed = art.components.groupby("module")["layer"].first().to_dict()
     feature_layers = {int(decomposed[p]) for p, m in truth["modules"].items()
                       if p in decomposed and m["ci_pattern"] == "identity"}

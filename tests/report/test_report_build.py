@@ -19,6 +19,7 @@ from report_toyrun import (
 
 from scalespd.report.inputs import RunArtifacts, read_profile_columns
 from scalespd.report.stage import build_report, heatmap_sample
+from scalespd.targets import ground_truth
 
 REQUIRED = ("n_components", "n_alive", "n_edges", "n_connected_components", "n_clusters",
             "cluster_sizes", "layer_span_counts", "timings")
@@ -69,6 +70,7 @@ def test_build_report_with_ground_truth_and_alternative(tmp_path, artifacts):
     art, names = artifacts
     cfg = run_config()
     onehot, _ = fake_onehot_ci()
+    art.truth = ground_truth(cfg.target)  # what the evaluate stage writes
     alt = {"label": "always-on grouped", "always_on_fraction": 0.5,
            "clusters": _clusters_for(names, identity_spread=False)}
     out = tmp_path / "report"

@@ -14,7 +14,7 @@ from report_toyrun import F, FakeToyDecomposition, LinkCollector, expected_truth
 import scalespd.train
 from scalespd.run import Manifest, run_pipeline
 
-STAGES = ["profiles", "graph", "spectral", "report"]
+STAGES = ["profiles", "graph", "spectral", "evaluate", "report"]
 
 
 @pytest.fixture
@@ -55,7 +55,8 @@ def test_stage_paper_setting_shows_failure_and_alternative(tmp_path, ray_local, 
               "cluster_sizes", "layer_span_counts", "timings", "ground_truth"):
         assert k in s, k
     assert s["n_components"] == 15 and s["n_alive"] == 2 * F + 2
-    assert set(s["timings"]) == {"target", "decompose", "profiles", "graph", "spectral"}
+    assert set(s["timings"]) == {"target", "decompose", "profiles", "graph", "spectral",
+                                 "evaluate"}
     assert all(v > 0 for v in s["timings"].values())
     assert info["n_alive"] == s["n_alive"] and info["mechanisms_recovered"].endswith(f"/{F}")
 
@@ -100,6 +101,39 @@ def test_stage_always_on_setting_alternative_is_paper(tmp_path, ray_local, fake_
     # Re-running the report alone rewrites the same numbers.
     before = dict(s)
     run_pipeline(cfg, run_dir, stages=["report"], force=["report"])
+    after = json.loads((run_dir / "report" / "summary.json").read_text())
+    before.pop("report_seconds"), after.pop("report_seconds")
+    assert after == before
+
+
+def test_report_rebuilds_without_torch(tmp_path, ray_local, fake_model):
+    """The report only reads the run directory: it runs in a process where torch cannot be
+    imported and writes the same summary."""
+    import subprocess
+    import sys
+
+    cfg = _cfg()
+    run_dir = tmp_path / "run"
+    _upstream_done(cfg, run_dir)
+    run_pipeline(cfg, run_dir, stages=STAGES)
+    before = json.loads((run_dir / "report" / "summary.json").read_text())
+    code = (
+        "import sys\n"
+        "class NoTorch:  # any `import torch` raises ImportError, as on a machine without it\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch is not installed')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from pathlib import Path\n"
+        "from scalespd.config import load_config\n"
+        "from scalespd.report import stage\n"
+        f"run_dir = Path({str(run_dir)!r})\n"
+        "stage.run(load_config(run_dir / 'config.yaml'), run_dir)\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
     after = json.loads((run_dir / "report" / "summary.json").read_text())
     before.pop("report_seconds"), after.pop("report_seconds")
     assert after == before

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scalespd.config import DecomposeConfig, ModuleSpec, RunConfig, TMSTargetConfig
-from scalespd.report import onehot
+from scalespd.evaluate import onehot
 from scalespd.targets import build_target, module_info, module_paths
 from scalespd.train.components import ComponentModel, match_modules
 
@@ -34,7 +34,7 @@ def test_onehot_ci_matches_model(tmp_path, model):
     assert names == [f"linear1:{c}" for c in range(4)] + \
         [f"hidden_layers.0:{c}" for c in range(3)] + [f"linear2:{c}" for c in range(4)]
     assert ci.shape == (5, 11)
-    direct = model.causal_importances(torch.eye(5) * cfg.report.onehot_value)
+    direct = model.causal_importances(torch.eye(5) * cfg.evaluate.onehot_value)
     np.testing.assert_allclose(ci[:, 4:7], direct["hidden_layers.0"].numpy(), rtol=0, atol=0)
     assert ((ci >= 0) & (ci <= 1)).all()
 

@@ -19,7 +19,7 @@ def onehot_ci(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, list[str]]:
     from scalespd.targets import one_hot_inputs  # noqa: PLC0415
 
     model = _load_model(Path(run_dir))
-    x = one_hot_inputs(cfg.target, value=cfg.report.onehot_value)
+    x = one_hot_inputs(cfg.target, value=cfg.evaluate.onehot_value)
     params = list(model.parameters())
     if params:
         x = x.to(params[0].device)
