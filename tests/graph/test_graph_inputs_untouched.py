@@ -78,11 +78,12 @@ def test_read_block_never_returns_a_view() -> None:
         np.testing.assert_array_equal(block, X[10:50][:, cols])
 
 
-def test_ray_tasks_read_object_store_arrays_without_writing(ray_local) -> None:
-    """Ray hands tasks a read-only, zero-copy view of an array put in its object store."""
+def test_ray_tasks_read_in_memory_arrays_without_writing(ray_local) -> None:
+    """Ray tasks read an in-memory array from the temporary zarr copy it is converted to
+    (issue 16; tests/graph/test_graph_sources.py); the caller's array stays as it was."""
     X = _profiles()
     before = X.copy()
-    # One full-width panel: the tasks read plain row slices of the shared array.
+    # One full-width panel: the tasks read plain row slices.
     cfg = GraphConfig(k=4)
     local = build_graph(X, cfg)
     _same(build_graph(X, cfg, use_ray=True), local)
