@@ -7,6 +7,10 @@ atomically. Blocks run in this process ("local") or as tasks on Ray actors that 
 model once ("ray"). Re-running computes only the blocks without a record; the final statistics
 are merged from the records in block order, so a resumed harvest is bit-identical to an
 uninterrupted one. Memory is bounded by one block (block_rows x N) per worker, never by M x N.
+
+A write that fails (a full disk, permissions) ends the harvest with the OSError naming the file
+or array it was writing (in a Ray actor too); the blocks finished before it keep their records,
+and a re-run once the disk has space completes the others.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +49,9 @@ from scalespd.profiles.store import (
     create_or_open,
     create_or_open_inputs,
     finished_blocks,
+    is_temporary_of,
 )
+from scalespd.train.io import naming_file
 
 log = logging.getLogger(__name__)
 
@@ -240,14 +247,19 @@ def write_block(
     """Write the block's rows (all N columns: whole chunks), then, and only then, its
     completion record."""
     t0 = time.perf_counter()
-    ci[c.start : c.stop, :] = c.vals
+    # zarr's OSErrors name no file: name the array being written.
+    with naming_file(blocks_dir.parent / CI_FILE):
+        ci[c.start : c.stop, :] = c.vals
     if inputs is not None:
         for name, v in source.row_metadata(c.block, c.start, c.stop, c.x).items():
-            inputs[name][c.start : c.stop] = v
-    atomic_write_npz(block_record_path(blocks_dir, c.block), {
-        "block": np.asarray(c.block), "start": np.asarray(c.start), "stop": np.asarray(c.stop),
-        **c.stats.to_arrays(),
-    })
+            with naming_file(blocks_dir.parent / INPUTS_FILE / name):
+                inputs[name][c.start : c.stop] = v
+    record = block_record_path(blocks_dir, c.block)
+    with naming_file(record):
+        atomic_write_npz(record, {
+            "block": np.asarray(c.block), "start": np.asarray(c.start),
+            "stop": np.asarray(c.stop), **c.stats.to_arrays(),
+        })
     t_write = time.perf_counter() - t0
     return BlockResult(c.block, c.start, c.stop, c.seconds_compute + t_write, c.seconds_compute,
                        t_write, c.vals.nbytes, _peak_rss_bytes(), os.getpid())
@@ -342,6 +354,13 @@ def _run_on_ray(
     try:
         pool = ActorPool(actors)
         yield from pool.map_unordered(lambda a, b: a.run.remote(b), todo)
+    except ray.exceptions.RayTaskError as err:
+        # An actor's failed write arrives wrapped; the OSError itself (errno, file name) is
+        # what the caller reports as a storage problem, so raise that.
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise cause from err
+        raise
     finally:
         for a in actors:
             ray.kill(a)
@@ -450,10 +469,16 @@ def harvest(
                     f"{block_record_path(blocks_dir, b)} was computed with tau={float(rec['tau'])}"
                     f", this harvest uses tau={cfg.tau}; use the same tau or start over"
                 )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ci = create_or_open(out_dir / CI_FILE, layout, cfg.dtype, attrs, cfg.compression_level)
-    inputs = create_or_open_inputs(out_dir / INPUTS_FILE, layout, fields, attrs["input_set"])
-    blocks_dir.mkdir(exist_ok=True)
+    with naming_file(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(out_dir)
+    with naming_file(out_dir / CI_FILE):
+        ci = create_or_open(out_dir / CI_FILE, layout, cfg.dtype, attrs, cfg.compression_level)
+    with naming_file(out_dir / INPUTS_FILE):
+        inputs = create_or_open_inputs(out_dir / INPUTS_FILE, layout, fields,
+                                       attrs["input_set"])
+    with naming_file(blocks_dir):
+        blocks_dir.mkdir(exist_ok=True)
 
     todo = [b for b in range(layout.n_blocks) if b not in done]
     executor = _resolve_executor(cfg.executor, todo, layout, cfg) if todo else "none"
@@ -486,10 +511,40 @@ def harvest(
     res = HarvestResult(out_dir, (layout.n_rows, n_cols), layout.n_blocks, len(results),
                         int(table["alive"].sum()), time.perf_counter() - t0, executor, device,
                         stats, results)
-    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2))
-    os.replace(tmp, out_dir / SUMMARY_FILE)
+    _write_replacing(out_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(
+        json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2)))
     return res
+
+
+def _write_replacing(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` a temporary file, then rename it to `path`; on failure (a full disk) remove the
+    temporary file and raise the OSError naming `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with naming_file(path):
+            write(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_temporaries(out_dir: Path) -> None:
+    """Temporary files and stores of a harvest that was killed while writing them: partial by
+    construction and never read, so they only take space (the real outputs are untouched)."""
+    names = [(out_dir, CI_FILE), (out_dir, INPUTS_FILE), (out_dir, SUMMARY_FILE),
+             (out_dir, COMPONENTS_FILE)]
+    for folder, target in names:
+        for p in folder.glob(f".{target}.*"):
+            if is_temporary_of(p.name, target) or p.name == f".{target}.tmp":
+                log.info("profiles: removing %s, left by an interrupted harvest", p)
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+    blocks = out_dir / BLOCKS_DIR
+    for p in blocks.glob(".block_*.npz.*.tmp") if blocks.is_dir() else []:
+        p.unlink()
 
 
 def load_merged_stats(blocks_dir: Path, layout: BlockLayout, tau: float) -> ColumnStats:
@@ -515,9 +570,7 @@ def write_components(
     df["frac_active"] = stats.frac_active
     df["alive"] = stats.max > tau
     df = df[COMPONENT_COLUMNS]
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.17g")
-    os.replace(tmp, path)
+    _write_replacing(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.17g"))
     return df
 
 

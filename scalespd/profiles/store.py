@@ -12,13 +12,18 @@ writes all N columns of its rows: each chunk of ci.zarr (and of inputs.zarr) bel
 one block, so concurrent writers never share a chunk.
 
 Nothing here overwrites or deletes existing data: an existing array that does not match what
-this harvest would write is an error naming the file and every difference.
+this harvest would write is an error naming the file and every difference. A new array (or
+group) appears in one rename, so a write that fails half way (a full disk) never leaves metadata
+a re-run could not read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +175,31 @@ def check_ci(path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, 
         )
 
 
+def temporary_name(path: Path) -> Path:
+    """Where `path` is built before it is renamed into place (this process's own name)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def is_temporary_of(name: str, target: str) -> bool:
+    """Whether `name` is a `temporary_name` of `target` (of any process)."""
+    pid = name.removeprefix(f".{target}.").removesuffix(".tmp")
+    return name.startswith(f".{target}.") and name.endswith(".tmp") and pid.isdigit()
+
+
+def _create_atomically(path: Path, create: Callable[[str], None]) -> None:
+    """Build a new zarr store under a temporary name next to `path`, then rename it into place:
+    `path` is complete or absent. Without this a full disk left a cut zarr.json that every
+    re-run refused as "not a readable zarr array"."""
+    tmp = temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        create(str(tmp))
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def create_or_open(
     path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any], level: int
 ) -> zarr.Array:
@@ -177,17 +207,22 @@ def create_or_open(
     if path.exists():
         check_ci(path, layout, dtype, attributes)
         return zarr.open_array(str(path), mode="r+")
-    return zarr.create_array(
-        store=str(path),
-        shape=(layout.n_rows, layout.n_cols),
-        chunks=(layout.chunk_rows, layout.chunk_cols),
-        dtype=dtype,
-        compressors=ZstdCodec(level=level),
-        fill_value=0,
-        attributes={ATTR_KEY: _jsonable(attributes)},
-        zarr_format=3,
-        overwrite=False,
-    )
+
+    def create(store: str) -> None:
+        zarr.create_array(
+            store=store,
+            shape=(layout.n_rows, layout.n_cols),
+            chunks=(layout.chunk_rows, layout.chunk_cols),
+            dtype=dtype,
+            compressors=ZstdCodec(level=level),
+            fill_value=0,
+            attributes={ATTR_KEY: _jsonable(attributes)},
+            zarr_format=3,
+            overwrite=False,
+        )
+
+    _create_atomically(path, create)
+    return zarr.open_array(str(path), mode="r+")
 
 
 def _inputs_want(
@@ -234,16 +269,19 @@ def create_or_open_inputs(
     if not fields:
         return None
     check_inputs(path, layout, fields, describe)
-    if path.exists():
-        group = zarr.open_group(str(path), mode="r+")
-    else:
-        group = zarr.create_group(str(path), zarr_format=3,
-                                  attributes={ATTR_KEY: _jsonable({"input_set": describe})})
-    for name, (dtype, shape) in fields.items():
-        if name not in group:
-            full, _, chunks = _inputs_want(layout, dtype, shape)
-            group.create_array(name, shape=full, chunks=chunks, dtype=dtype,
-                               compressors=ZstdCodec(level=3), fill_value=0)
+
+    def add_arrays(group: zarr.Group) -> None:
+        for name, (dtype, shape) in fields.items():
+            if name not in group:
+                full, _, chunks = _inputs_want(layout, dtype, shape)
+                group.create_array(name, shape=full, chunks=chunks, dtype=dtype,
+                                   compressors=ZstdCodec(level=3), fill_value=0)
+
+    if not path.exists():
+        _create_atomically(path, lambda store: add_arrays(zarr.create_group(
+            store, zarr_format=3, attributes={ATTR_KEY: _jsonable({"input_set": describe})})))
+    group = zarr.open_group(str(path), mode="r+")
+    add_arrays(group)  # a group written before its arrays were (by an older scalespd)
     return group
 
 
