@@ -100,9 +100,9 @@ def assign_features(
                              f"like the columns of onehot_ci")
         labels[dense_module & (n_served > 0)] = DENSE
     labels[n_served == 0] = INACTIVE
-    for j in list(tied):
-        if labels[j] != TIE:
-            del tied[j]
+    for node in list(tied):
+        if labels[node] != TIE:
+            del tied[node]
     return FeatureAssignment(labels, best_ci, n_served.astype(np.int64), tied, F)
 
 
@@ -205,7 +205,7 @@ def score_clustering(
     out: dict[str, Any] = {
         "mechanisms_total": assignment.n_features,
         "mechanisms_recovered": int(recovered),
-        "mechanism_status_counts": {s: statuses.count(s) for s in sorted(set(statuses))},
+        "mechanism_status_counts": {s: statuses.count(s) for s in sorted(set(map(str, statuses)))},
         "purity": purity(clusters, truth),
         "ari": float(adjusted_rand_score(truth, full)) if n else None,
         "n_nodes": int(n),

@@ -8,6 +8,7 @@ mapped onto that order here, so the rest of the report never has to think about 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class RunArtifacts:
         return self.components.loc[self.alive_ids]
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
     if not path.is_file():
         raise ReportInputError(f"{path} is missing (run the stage that writes it first)")
     df = pd.read_csv(path)
@@ -164,7 +165,7 @@ def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
         if isinstance(raw, dict) and key in raw:
             raw = raw[key]
             break
-    items = raw.items() if isinstance(raw, dict) else enumerate(raw)
+    items: list[tuple[Any, Any]] = list(raw.items() if isinstance(raw, dict) else enumerate(raw))
     out = []
     for key, rec in items:
         if not isinstance(rec, dict) or "eigenvalues" not in rec:

@@ -93,9 +93,8 @@ def spectra_plot(spectra: list[dict[str, Any]], path: Path) -> Path:
 def size_histogram(sizes: list[int], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    sizes = np.asarray(sizes, dtype=int)
     if len(sizes):
-        vals, counts = np.unique(sizes, return_counts=True)
+        vals, counts = np.unique(np.asarray(sizes, dtype=int), return_counts=True)
         ax.bar(vals, counts, width=0.8 if vals.max() < 60 else max(vals.max() / 80, 1))
         if counts.max() / max(counts.min(), 1) > 50:
             ax.set_yscale("log")

@@ -20,7 +20,7 @@ results do not depend on the solver's arbitrary sign choices.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import scipy.linalg
@@ -37,7 +37,7 @@ _SHIFT = -1e-3
 GPU_DENSE_MAX_NODES = 4096
 
 
-Graph = sp.csr_matrix | np.ndarray  # small pieces travel as dense (n, n) arrays
+Graph: TypeAlias = sp.csr_matrix | np.ndarray  # small pieces travel as dense (n, n) arrays
 
 
 def degrees(W: Graph) -> np.ndarray:

@@ -151,7 +151,8 @@ def cluster_graph_detailed(
     # size, largest first, as graph_pieces returns them).
     solve = [p for p in pieces if p.size > 2]
     subgraphs = _subgraphs(W, solve, cfg.dense_max_nodes)
-    costs = [estimate_seconds(p.size, g.nnz if sp.issparse(g) else 0, cfg) for p, g in
+    # A dense subgraph (small piece) counts as no sparse work.
+    costs = [estimate_seconds(p.size, int(getattr(g, "nnz", 0)), cfg) for p, g in
              zip(solve, subgraphs, strict=True)]
     tasks = pack_pieces(costs, cfg.min_task_seconds)
     t_prep = time.perf_counter()
@@ -176,9 +177,9 @@ def cluster_graph_detailed(
                 results[i] = res
     else:
         for t in _progress(tasks, len(tasks), progress):
-            out = solve_batch([subgraphs[i] for i in t], [keys[solve[i]] for i in t], cfg,
-                              device)
-            for i, res in zip(t, out, strict=True):
+            batch = solve_batch([subgraphs[i] for i in t], [keys[solve[i]] for i in t], cfg,
+                                device)
+            for i, res in zip(t, batch, strict=True):
                 results[i] = res
     t_solve = time.perf_counter()
 

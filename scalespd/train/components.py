@@ -36,9 +36,12 @@ if TYPE_CHECKING:
 class ModuleInfoLike(Protocol):
     """What we need of `scalespd.targets.ModuleInfo` (path, layer, module_type)."""
 
-    path: str
-    layer: int
-    module_type: str
+    @property
+    def path(self) -> str: ...
+    @property
+    def layer(self) -> int: ...
+    @property
+    def module_type(self) -> str: ...
 
 
 def match_modules(specs: Sequence[tuple[str, int]], paths: Sequence[str]) -> dict[str, int]:
