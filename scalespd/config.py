@@ -152,7 +152,90 @@ class ResidMLPTargetConfig(Cfg):
     """Training recipe of the target."""
 
 
-AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig
+class HFCausalLMTargetConfig(Cfg):
+    """A Hugging Face causal language model and the text it reads (scalespd/targets/lm/).
+
+    `path` set: that model and its tokenizer are loaded. `path` None: the target stage trains
+    the offline default, a LLaMA-style model of the shape below (default: the SimpleStories-1.25M
+    shape, 1.25 M parameters) with its own byte-level BPE tokenizer, on `dataset`, and saves both
+    with save_pretrained in run_dir/target/ (itself a directory `path` can point at).
+
+    Modules: every nn.Linear / GPT-2 Conv1D inside the decoder blocks, e.g.
+    `model.layers.{i}.self_attn.{q,k,v,o}_proj` and `model.layers.{i}.mlp.{gate,up,down}_proj`
+    (LLaMA), `transformer.h.{i}.attn.c_attn`, `...attn.c_proj`, `...mlp.c_fc`, `...mlp.c_proj`
+    (GPT-2); embeddings and the LM head are not decomposable."""
+
+    kind: Literal["hf_causal_lm"] = "hf_causal_lm"
+    """Selects this target type."""
+    path: str | None = None
+    """A local Hugging Face causal-LM directory (model and tokenizer saved with save_pretrained,
+    e.g. another run's target/ folder) or a hub name such as SimpleStories/SimpleStories-1.25M
+    (needs internet or the hub cache; HF_HUB_OFFLINE=1 refuses it). None: train the offline
+    default; the shape fields below are used only then."""
+    n_layers: PosInt = 4
+    """Decoder blocks of the default model (path None)."""
+    d_model: PosInt = 128
+    """Residual width of the default model (path None); a multiple of n_heads."""
+    n_heads: PosInt = 4
+    """Attention (query) heads of the default model (path None)."""
+    n_kv_heads: PosInt = 2
+    """Key/value heads of the default model (path None; grouped-query attention), dividing
+    n_heads."""
+    d_mlp: PosInt = 341
+    """Hidden width of the default model's SwiGLU MLP (gate_proj, up_proj; path None)."""
+    vocab_size: Annotated[int, Field(ge=257, strict=True)] = 4096
+    """Vocabulary of the default model's byte-level BPE tokenizer and embedding (path None): 256
+    byte tokens, the <|endoftext|> separator and the learned merges."""
+    max_seq_len: PosInt = 512
+    """Maximum positions of the default model (path None); seq_len may not exceed it."""
+    tie_embeddings: Bool = True
+    """The default model's LM head is its token embedding transposed, as in SimpleStories-1.25M
+    (its 1.25 M parameters count the embedding once)."""
+    dataset: str | None = None
+    """Text to train and evaluate on: None for the bundled corpus (42 works of Shakespeare, 5.05
+    M characters, public domain; scalespd/targets/lm/corpus/), a local text / JSON(L) / CSV /
+    parquet file or folder, or a hub dataset name (needs internet or the hub cache). Read with
+    datasets.load_dataset."""
+    dataset_split: str = "train"
+    """Split of `dataset` to read (local files have only "train")."""
+    text_column: str = "text"
+    """Column of `dataset` that holds the text."""
+    text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    """For plain-text files: one document per line, per blank-line-separated paragraph, or per
+    file. Documents are joined with the tokenizer's end-of-text token before packing."""
+    seq_len: PosInt = 128
+    """Tokens per packed sequence; at most the model's maximum positions."""
+    max_sequences: PosInt | None = None
+    """Stop tokenizing once this many sequences are filled (None: the whole dataset)."""
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.1
+    """Fraction of the packed sequences held out from training (a seeded random choice): the
+    target's evaluation loss is measured on them, and later stages can draw from them."""
+    seed: Int = 0
+    """Seed of the default model's initialisation, the held-out split and the training batches."""
+    train: TargetTrainConfig = TargetTrainConfig(
+        steps=500,
+        batch_size=32,
+        schedule=ScheduleConfig(lr=3e-3, fn="cosine", warmup_pct=0.05, final_frac=0.1),
+        weight_decay=0.1,
+    )
+    """Training recipe of the default model (path None): AdamW, `batch_size` sequences of
+    seq_len tokens per step, gradient norm clipped at 1."""
+
+    @model_validator(mode="after")
+    def _default_shape_is_valid(self) -> HFCausalLMTargetConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads "
+                             f"({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads "
+                             f"({self.n_heads})")
+        if self.path is None and self.seq_len > self.max_seq_len:
+            raise ValueError(f"seq_len ({self.seq_len}) is longer than max_seq_len "
+                             f"({self.max_seq_len}), the model's maximum positions")
+        return self
+
+
+AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig | HFCausalLMTargetConfig
 # The papers' one-hot probe: x_f = 0.75 on feature f alone, for CI heatmaps, target checks and
 # the toys' ground truth.
 ONE_HOT_VALUE = 0.75
