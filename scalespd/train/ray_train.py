@@ -190,6 +190,8 @@ def snapshot_problem(snapshot: Path) -> str | None:
             return "checkpoint_report_indices does not match checkpoint_results"
         if latest is not None and latest["checkpoint_dir_name"] not in names:
             return "latest_checkpoint_result is not among checkpoint_results"
+        if any(r["checkpoint_dir_name"] not in names for r in data["pending_training_results"]):
+            return "pending_training_results are not among checkpoint_results"
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         return f"not a readable snapshot: {type(err).__name__}: {err}"
     try:  # the schema Ray Train parses it with, where this Ray has it (internal API)

@@ -231,3 +231,46 @@ def test_naming_file_names_the_file_of_a_failed_write(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info, naming_file(tmp_path / "other"):
         open(tmp_path / "missing")  # noqa: SIM115  (already named: kept as it is)
     assert info.value.filename == str(tmp_path / "missing")
+
+
+def test_ctrl_c_during_fit_aborts_the_controller_then_raises_keyboard_interrupt(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer launch() uses replaces Ray's SIGINT handler (which ends in sys.exit): the
+    first Ctrl-C asks the controller to stop the workers and raises KeyboardInterrupt; another
+    one while that waits raises at once."""
+    import os
+    import signal
+    import time
+
+    import ray
+    import ray.train
+
+    from scalespd.train.ray_train import _interruptible_trainer_class
+
+    aborts: list[str] = []
+
+    class FakeController:  # the actor handle fit() passes to the handler
+        class abort:  # noqa: N801
+            @staticmethod
+            def remote() -> str:
+                aborts.append("abort")
+                return "ref"
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: None)
+    trainer = _interruptible_trainer_class()(
+        lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        trainer._register_sigint_handler(FakeController())
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs (and raises) within the sleep
+        assert trainer.interrupted and aborts == ["abort"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert aborts == ["abort"]  # asked once
+        trainer.abort()
+        assert aborts == ["abort"]
+    finally:
+        signal.signal(signal.SIGINT, previous)

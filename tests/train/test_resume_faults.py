@@ -290,6 +290,7 @@ def disk_full(ray_local, interrupted: dict[str, Any],
                     return
                 time.sleep(0.02)
 
+        sigint_before = signal.getsignal(signal.SIGINT)
         watcher = threading.Thread(target=fill_after_next_checkpoint, daemon=True)
         watcher.start()
         try:
@@ -298,6 +299,8 @@ def disk_full(ray_local, interrupted: dict[str, Any],
         finally:
             stop.set()
             watcher.join()
+        # fit() installs a Ctrl-C handler bound to its controller; launch() puts ours back.
+        assert signal.getsignal(signal.SIGINT) is sigint_before
         after_fault = {s: checkpoint_problem(p) for s, p in checkpoint_dirs(run_dir)}
         fault.repair()
 
@@ -319,6 +322,7 @@ def disk_full(ray_local, interrupted: dict[str, Any],
             summary = decompose_stage.run(cfg, run_dir)
         finally:
             logging.getLogger(LOGGER).removeHandler(handler)
+        assert signal.getsignal(signal.SIGINT) is sigint_before
         yield {"run_dir": run_dir, "kind": fault.kind, "error": failed.value, "start": start,
                "after_fault": after_fault, "snapshot": snapshot, "cut": cut,
                "newest_dir": newest_dir, "newest": newest, "previous": previous,
