@@ -8,6 +8,10 @@ code raises these; it never imports the CLI modules.
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 # OS errors a user fixes on their side (free space, permissions, a read-only mount): they are
 # reported as one line naming the file, never as a traceback.
@@ -68,3 +72,18 @@ def storage_error(err: BaseException) -> StorageError | None:
                                 None if cur.filename is None else str(cur.filename))
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+@contextmanager
+def naming_file(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file as the same error naming `path`.
+
+    A full disk shows up in write() or close() of an already open file (or deep inside torch,
+    zarr or matplotlib), and those OSErrors carry no file name; the user must learn which file
+    could not be written. The original error stays in the cause chain."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err

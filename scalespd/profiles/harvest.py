@@ -36,6 +36,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from scalespd.config import ProfilesConfig, RayConfig
+from scalespd.errors import naming_file
 from scalespd.profiles.sources import RowSource
 from scalespd.profiles.stats import ColumnStats, atomic_write_npz, merge_all
 from scalespd.profiles.store import (
@@ -51,7 +52,6 @@ from scalespd.profiles.store import (
     finished_blocks,
     is_temporary_of,
 )
-from scalespd.train.io import naming_file
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from scalespd.errors import StageInputError
+
 FORMAT_VERSION = 1
 ATTR_KEY = "scalespd_profiles"
 # A chunk above this many bytes makes every read and write of it that large (and zstd
@@ -41,8 +43,9 @@ MAX_CHUNK_BYTES = 1 << 30
 MAX_CHUNKS = 10_000_000
 
 
-class ProfilesError(ValueError):
-    """Bad profiles input or an existing output this harvest must not touch."""
+class ProfilesError(StageInputError):
+    """Bad profiles input or an existing output this harvest must not touch (a user error: one
+    `error:` line, exit 2)."""
 
 
 @dataclass(frozen=True)

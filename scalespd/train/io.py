@@ -8,34 +8,17 @@ frozen target itself lives once, in run_dir/target/.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scalespd.config import DecomposeConfig
+from scalespd.errors import naming_file
 
 FINAL_DIR = "final"
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
-
-
-@contextmanager
-def naming_file(path: str | Path) -> Iterator[None]:
-    """Re-raise an OSError that names no file as the same error naming `path`.
-
-    A full disk shows up in write() or close() of an already open file (or deep inside torch,
-    zarr or matplotlib), and those OSErrors carry no file name; the user must learn which file
-    could not be written. The original error stays in the cause chain."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is not None or err.errno is None:
-            raise
-        raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -48,13 +48,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scalespd.config import RunConfig
-from scalespd.errors import STORAGE_ERRNOS, StorageError, storage_error
+from scalespd.errors import STORAGE_ERRNOS, StorageError, naming_file, storage_error
 from scalespd.train.io import (
     FINAL_DIR,
     META_FILE,
     MODEL_FILE,
     model_state,
-    naming_file,
     read_final_meta,
     save_torch,
 )

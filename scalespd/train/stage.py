@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from scalespd.config import RunConfig
-from scalespd.errors import RunDirError
+from scalespd.errors import RunDirError, naming_file
 from scalespd.jsonio import write_json_atomic
-from scalespd.train.io import naming_file, read_final_meta
+from scalespd.train.io import read_final_meta
 from scalespd.train.ray_train import checkpoint_root, decompose_dir, launch
 
 log = logging.getLogger(__name__)

@@ -130,7 +130,7 @@ def test_all_masks_one_with_delta_reproduce_target(only):
 def test_exact_decomposition_without_delta_reproduces_target_and_zero_masks_ablate():
     model = make_model(C=6)
     with torch.no_grad():
-        for p, C in (("0", 6), ("2", 4)):
+        for p in ("0", "2"):
             comp, W = model.comp(p), model.target_weight(p)
             # V = I (first d_in columns), U = W^T: sum_c U_c V_c = W exactly.
             comp.V.zero_()

@@ -24,7 +24,8 @@ from scalespd.train.losses import (
 INFO = [ModuleInfo("0", 0, "a"), ModuleInfo("2", 1, "b"), ModuleInfo("4", 2, "c")]
 
 
-def make_model(Cs: tuple[int, int, int] = (3, 4, 2), **kw) -> tuple[ComponentModel, DecomposeConfig]:
+def make_model(Cs: tuple[int, int, int] = (3, 4, 2), **kw
+               ) -> tuple[ComponentModel, DecomposeConfig]:
     torch.manual_seed(0)
     target = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(),
                            nn.Linear(4, 3))

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalespd.errors import StorageError, storage_error
-from scalespd.train.io import naming_file
+from scalespd.errors import StorageError, naming_file, storage_error
 from scalespd.train.ray_train import (
     SNAPSHOT_FILE,
     STAGING_PREFIX,
