@@ -1,9 +1,10 @@
 """Reading column panels of a profile matrix X (M, N_total), in row chunks.
 
 Both passes of the graph stage walk X the same way: a *panel* is a block of at most
-`tile_cols` selected columns, read `row_chunk` rows at a time. X is a zarr.Array (read from
-disk, never whole) or an in-memory np.ndarray; either way only one (row_chunk, tile_cols) block
-per panel is resident at once.
+`tile_cols` selected columns, read `row_chunk` rows at a time. X is a zarr.Array or a
+scalespd.graph.source.NpyFile (read from disk, never whole; RowSubset of either) or an
+in-memory np.ndarray; either way only one (row_chunk, tile_cols) block per panel is resident
+at once. Ray tasks open X themselves from a scalespd.graph.source.SourceSpec.
 """
 
 from __future__ import annotations
