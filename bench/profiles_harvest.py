@@ -40,7 +40,7 @@ def _du(path: Path) -> int:
 
 
 def _model_and_source(rows: int, cols: int, dim: int):
-    from scalespd.profiles import RandomRowSource
+    from scalespd.profiles.sources import RandomRowSource
     from scalespd.profiles.synthetic import SyntheticCIModel
 
     n_mod = 4
@@ -64,7 +64,7 @@ def _local_part(args: dict[str, Any], q: mp.Queue) -> None:
     import numpy as np
     import torch
 
-    from scalespd.profiles import harvest
+    from scalespd.profiles.harvest import harvest
     from scalespd.profiles.store import BlockLayout
 
     torch.set_num_threads(args["threads"])
@@ -140,7 +140,7 @@ def _ray_part(args: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from scalespd.config import RayConfig
-    from scalespd.profiles import harvest
+    from scalespd.profiles.harvest import harvest
     from scalespd.raytools import ensure_ray
 
     ensure_ray(RayConfig(num_cpus=2, object_store_memory=300_000_000))

@@ -127,7 +127,7 @@ def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str
     """The CI array of the scalespd profiles directory `profiles_dir` and, for an unfinished
     harvest opened with allow_partial, the record of the finished row blocks it is limited to
     (the array is then a RowSubset of those rows)."""
-    from scalespd.profiles.harvest import (  # noqa: PLC0415
+    from scalespd.profiles.reader import (  # noqa: PLC0415
         BLOCKS_DIR,
         SUMMARY_FILE,
         open_profiles,

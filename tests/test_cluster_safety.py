@@ -167,7 +167,8 @@ def harvests(tmp_path_factory) -> dict:
     and 6 have no completion record and zero rows, as after a kill (with Ray, blocks finish
     out of order, so the finished ones need not be a prefix)."""
     from scalespd.config import ProfilesConfig
-    from scalespd.profiles import RandomRowSource, harvest
+    from scalespd.profiles.harvest import harvest
+    from scalespd.profiles.sources import RandomRowSource
     from scalespd.profiles.synthetic import SyntheticCIModel
 
     d = tmp_path_factory.mktemp("harvest")

@@ -37,10 +37,17 @@ from tqdm.auto import tqdm
 
 from scalespd.config import ProfilesConfig, RayConfig
 from scalespd.errors import naming_file
+from scalespd.profiles.reader import (
+    BLOCKS_DIR,
+    CI_FILE,
+    COMPONENT_COLUMNS,
+    COMPONENTS_FILE,
+    INPUTS_FILE,
+    SUMMARY_FILE,
+)
 from scalespd.profiles.sources import RowSource
 from scalespd.profiles.stats import ColumnStats, atomic_write_npz, merge_all
 from scalespd.profiles.store import (
-    ATTR_KEY,
     FORMAT_VERSION,
     BlockLayout,
     ProfilesError,
@@ -55,13 +62,6 @@ from scalespd.profiles.store import (
 
 log = logging.getLogger(__name__)
 
-CI_FILE = "ci.zarr"
-INPUTS_FILE = "inputs.zarr"
-BLOCKS_DIR = "blocks"
-COMPONENTS_FILE = "components.csv"
-SUMMARY_FILE = "harvest.json"
-COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "max", "mean", "std",
-                     "frac_active", "alive"]
 
 
 @runtime_checkable
@@ -572,43 +572,3 @@ def write_components(
     df = df[COMPONENT_COLUMNS]
     _write_replacing(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.17g"))
     return df
-
-
-# --------------------------------------------------------------------------------------------
-# Readers
-# --------------------------------------------------------------------------------------------
-
-
-def open_profiles(profiles_dir: str | Path, allow_incomplete: bool = False) -> zarr.Array:
-    """The (M, N) CI array of a finished harvest (read-only)."""
-    profiles_dir = Path(profiles_dir)
-    path = profiles_dir / CI_FILE
-    if not path.exists():
-        raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
-    if not allow_incomplete and not (profiles_dir / SUMMARY_FILE).exists():
-        raise ProfilesError(f"{profiles_dir} holds an unfinished harvest ({SUMMARY_FILE} is "
-                            f"missing); re-run the profiles stage to complete it")
-    arr = zarr.open_array(str(path), mode="r")
-    if ATTR_KEY not in arr.attrs:
-        raise ProfilesError(f"{path} is not a scalespd profiles array (no {ATTR_KEY} attribute)")
-    return arr
-
-
-def read_components(profiles_dir: str | Path) -> pd.DataFrame:
-    """The per-component table: component, name, layer, module, module_type, max, mean, std,
-    frac_active, alive (one row per column of ci.zarr)."""
-    path = Path(profiles_dir) / COMPONENTS_FILE
-    if not path.exists():
-        raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
-    df = pd.read_csv(path)
-    missing = [c for c in COMPONENT_COLUMNS if c not in df.columns]
-    if missing:
-        raise ProfilesError(f"{path} lacks columns {missing}")
-    df["alive"] = df["alive"].astype(bool)
-    return df
-
-
-def column_names(arr: zarr.Array) -> list[str]:
-    """`<module>:<c>` for every column of a profiles array, from its attributes."""
-    modules = arr.attrs[ATTR_KEY]["modules"]
-    return [f"{m['module']}:{c}" for m in modules for c in range(m["C"])]

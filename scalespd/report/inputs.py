@@ -18,9 +18,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scalespd.errors import StageInputError
+from scalespd.profiles.reader import as_bool, read_components
 from scalespd.spectral.clustering import CLUSTER_COLUMNS
-
-COMPONENT_COLUMNS = ("component", "name", "layer", "module", "module_type", "alive")
 
 
 class ReportInputError(StageInputError):
@@ -76,32 +75,13 @@ def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
     return df
 
 
-def _as_bool(col: pd.Series) -> np.ndarray:
-    if col.dtype == bool:
-        return col.to_numpy()
-    return col.astype(str).str.lower().isin(["true", "1"]).to_numpy()
-
-
-def read_components(profiles_dir: Path) -> pd.DataFrame:
-    """components.csv indexed by global component id (0..N-1, each exactly once)."""
-    df = _read_csv(profiles_dir / "components.csv", COMPONENT_COLUMNS)
-    df["alive"] = _as_bool(df["alive"])
-    ids = df["component"].to_numpy()
-    if not np.array_equal(np.sort(ids), np.arange(len(df))):
-        raise ReportInputError(
-            f"{profiles_dir / 'components.csv'}: 'component' must hold each id 0..{len(df) - 1} "
-            f"exactly once"
-        )
-    return df.set_index("component", drop=False).sort_index()
-
-
 def read_clusters(spectral_dir: Path, components: pd.DataFrame,
                   name: str = "clusters.csv") -> pd.DataFrame:
     """clusters.csv (or another table of the same columns) indexed by global component id,
     checked against components.csv."""
     path = spectral_dir / name
     df = _read_csv(path, CLUSTER_COLUMNS)
-    df["alive"] = _as_bool(df["alive"])
+    df["alive"] = as_bool(df["alive"])
     df = df.set_index("component", drop=False).sort_index()
     if not df.index.equals(components.index):
         raise ReportInputError(

@@ -49,7 +49,8 @@ def planted_graph(
     components: for each connected component, its block (true cluster) sizes. Blocks are random
     connected graphs of average degree ≈ `degree` with weights ~ U(weight_in); consecutive blocks
     of a component are joined by `bridges` weak edges ~ U(weight_between). Nodes are shuffled so
-    that blocks are not contiguous. Returns W (n×n CSR float64), truth (n,) block id, component (n,) component id."""
+    that blocks are not contiguous. Returns W (n×n CSR float64), truth (n,) block id, component
+    (n,) component id."""
     rng = np.random.default_rng(seed)
     rows, cols, vals, truth, comp = [], [], [], [], []
     offset, block_id = 0, 0

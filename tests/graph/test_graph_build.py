@@ -240,7 +240,8 @@ def test_device_path_matches_brute_force(device: str) -> None:
 
 def _harvest_profiles(run_dir, tau: float = 0.1) -> None:
     from scalespd.config import ProfilesConfig
-    from scalespd.profiles import RandomRowSource, harvest
+    from scalespd.profiles.harvest import harvest
+    from scalespd.profiles.sources import RandomRowSource
     from scalespd.profiles.synthetic import SyntheticCIModel
 
     model = SyntheticCIModel(8, [("a", 30), ("b", 25)], seed=0, dead=(3, 40), always_on=(7,))
@@ -281,9 +282,8 @@ def test_stage_writes_alive_graph_and_reuses_it(tmp_path, ray_local) -> None:
 
 def test_stage_with_no_alive_columns_is_a_clear_error(tmp_path) -> None:
     from scalespd.config import RunConfig
-    from scalespd.graph import stage
-
     from scalespd.errors import UserError
+    from scalespd.graph import stage
 
     _harvest_profiles(tmp_path, tau=1.0)
     # A UserError: the CLI prints it as one `error:` line (exit 2), not a traceback.

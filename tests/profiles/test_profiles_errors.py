@@ -10,7 +10,9 @@ from profiles_testlib import small_cfg, snapshot, tiny_model
 from pydantic import ValidationError
 
 from scalespd.config import ProfilesConfig
-from scalespd.profiles import ProfilesError, RandomRowSource, harvest
+from scalespd.profiles import ProfilesError
+from scalespd.profiles.harvest import harvest
+from scalespd.profiles.sources import RandomRowSource
 from scalespd.profiles.synthetic import SyntheticCIModel
 
 

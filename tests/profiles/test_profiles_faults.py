@@ -23,9 +23,10 @@ from profiles_testlib import SIZES, small_cfg, snapshot, tiny_model
 
 from scalespd.config import DecomposeConfig, ModuleSpec, ProfilesConfig, RunConfig, TMSTargetConfig
 from scalespd.errors import storage_error
-from scalespd.profiles import RandomRowSource, harvest
 from scalespd.profiles import stage as profiles_stage
-from scalespd.profiles.harvest import BLOCKS_DIR, CI_FILE, COMPONENTS_FILE, INPUTS_FILE
+from scalespd.profiles.harvest import harvest
+from scalespd.profiles.reader import BLOCKS_DIR, CI_FILE, COMPONENTS_FILE, INPUTS_FILE
+from scalespd.profiles.sources import RandomRowSource
 from scalespd.profiles.store import BlockLayout, finished_blocks
 from scalespd.targets import build_target, module_info, module_paths, save_target
 from scalespd.train.components import ComponentModel, match_modules

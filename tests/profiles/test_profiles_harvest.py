@@ -27,15 +27,9 @@ from profiles_testlib import (
     tiny_model,
 )
 
-from scalespd.profiles import (
-    ProfilesError,
-    RandomRowSource,
-    column_names,
-    harvest,
-    open_profiles,
-    read_components,
-)
-from scalespd.profiles.harvest import BlockResult
+from scalespd.profiles import ProfilesError, column_names, open_profiles, read_components
+from scalespd.profiles.harvest import BlockResult, harvest
+from scalespd.profiles.sources import RandomRowSource
 
 N = sum(c for _, c in SIZES)
 
@@ -134,7 +128,8 @@ def test_sigkilled_harvest_resumes_bit_identical(tmp_path: Path) -> None:
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from profiles_testlib import tiny_model, small_cfg
-        from scalespd.profiles import RandomRowSource, harvest
+        from scalespd.profiles.harvest import harvest
+        from scalespd.profiles.sources import RandomRowSource
         harvest(tiny_model(), RandomRowSource(640, 6, seed=5), {str(out)!r}, small_cfg(),
                 on_block=lambda r: time.sleep(0.3))
     """)

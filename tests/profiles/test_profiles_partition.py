@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from profiles_testlib import SIZES, direct_ci, direct_inputs, small_cfg, snapshot, tiny_model
 
-from scalespd.profiles import BlockLayout, ProfilesError, RandomRowSource, harvest, open_profiles
-from scalespd.profiles.harvest import BlockResult
+from scalespd.profiles import BlockLayout, ProfilesError, open_profiles
+from scalespd.profiles.harvest import BlockResult, harvest
+from scalespd.profiles.sources import RandomRowSource
 
 N = sum(c for _, c in SIZES)
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from scalespd.config import DecomposeConfig, ModuleSpec, ProfilesConfig, RunConfig, TMSTargetConfig
-from scalespd.profiles import ProfilesError, ToyRowSource, harvest, open_profiles, read_components
-from scalespd.profiles.sources import block_generator
+from scalespd.profiles import ProfilesError, open_profiles, read_components
+from scalespd.profiles.harvest import harvest
+from scalespd.profiles.sources import ToyRowSource, block_generator
 from scalespd.profiles.stage import check_model_matches_config
 from scalespd.targets import build_target, make_dataset, module_info, module_paths
 from scalespd.targets import structured_eval_inputs as structured

@@ -13,7 +13,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from scalespd.config import RunConfig, SpectralConfig
 from scalespd.graph import stage as graph_stage
-from scalespd.profiles.harvest import CI_FILE, COMPONENTS_FILE, SUMMARY_FILE
+from scalespd.profiles.reader import CI_FILE, COMPONENTS_FILE, SUMMARY_FILE
 from scalespd.profiles.store import ATTR_KEY
 from scalespd.spectral import stage as spectral_stage
 from scalespd.spectral.clustering import CLUSTER_COLUMNS

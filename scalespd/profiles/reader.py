@@ -1,0 +1,80 @@
+"""Reading a finished profiles directory, without torch: the contract the graph, spectral,
+evaluate and report stages and `scalespd.cluster` rely on (DESIGN §4 "Profiles").
+
+    ci.zarr         (M, N) causal importances, columns in the global order
+    inputs.zarr     what each row's input was (toys: the vector; LMs: token/sequence/position)
+    blocks/         the completion record of finished row blocks
+    components.csv  one row per column: component, name, layer, module, module_type, stats, alive
+    harvest.json    written last: the harvest is finished
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from scalespd.profiles.store import ATTR_KEY, ProfilesError
+
+CI_FILE = "ci.zarr"
+INPUTS_FILE = "inputs.zarr"
+BLOCKS_DIR = "blocks"
+COMPONENTS_FILE = "components.csv"
+SUMMARY_FILE = "harvest.json"
+# components.csv as the harvest writes it; the first six columns (identity and alive) are what
+# every reader needs, the statistics are there for the graph and spectral stages and the report.
+COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "max", "mean", "std",
+                     "frac_active", "alive"]
+REQUIRED_COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "alive"]
+
+
+def open_profiles(profiles_dir: str | Path, allow_incomplete: bool = False) -> zarr.Array:
+    """The (M, N) CI array of a finished harvest (read-only)."""
+    profiles_dir = Path(profiles_dir)
+    path = profiles_dir / CI_FILE
+    if not path.exists():
+        raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
+    if not allow_incomplete and not (profiles_dir / SUMMARY_FILE).exists():
+        raise ProfilesError(f"{profiles_dir} holds an unfinished harvest ({SUMMARY_FILE} is "
+                            f"missing); re-run the profiles stage to complete it")
+    arr = zarr.open_array(str(path), mode="r")
+    if ATTR_KEY not in arr.attrs:
+        raise ProfilesError(f"{path} is not a scalespd profiles array (no {ATTR_KEY} attribute)")
+    return arr
+
+
+def as_bool(col: pd.Series) -> np.ndarray:
+    """A CSV column of booleans (True/False, true/false or 1/0) as a bool array."""
+    if col.dtype == bool:
+        return col.to_numpy()
+    return col.astype(str).str.lower().isin(["true", "1"]).to_numpy()
+
+
+def read_components(profiles_dir: str | Path) -> pd.DataFrame:
+    """The per-component table (one row per column of ci.zarr), indexed by the global column id
+    `component` (kept as a column too), in column order. Every id 0..N-1 appears once."""
+    path = Path(profiles_dir) / COMPONENTS_FILE
+    if not path.is_file():
+        raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ProfilesError(f"{path} is not a readable CSV ({err}); re-run the profiles "
+                            "stage") from None
+    missing = [c for c in REQUIRED_COMPONENT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ProfilesError(f"{path} lacks columns {missing}; expected {COMPONENT_COLUMNS}")
+    df["alive"] = as_bool(df["alive"])
+    ids = df["component"].to_numpy()
+    if not np.array_equal(np.sort(ids), np.arange(len(df))):
+        raise ProfilesError(f"{path}: 'component' must hold each id 0..{len(df) - 1} exactly "
+                            "once")
+    return df.set_index("component", drop=False).sort_index()
+
+
+def column_names(arr: zarr.Array) -> list[str]:
+    """`<module>:<c>` for every column of a profiles array, from its attributes."""
+    modules = arr.attrs[ATTR_KEY]["modules"]
+    return [f"{m['module']}:{c}" for m in modules for c in range(m["C"])]
