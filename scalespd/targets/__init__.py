@@ -1,4 +1,6 @@
 """Toy targets (TMS, ResidMLP): models, sparse-feature data, training recipes, saving/loading.
+Language-model targets (Hugging Face causal LMs, their text data, the offline default model):
+the subpackage scalespd.targets.lm; module_info / build_target / load_target dispatch to it.
 
 Public API (the contract other stages use, see the brief/DESIGN):
   ModuleInfo, module_info, module_paths   decomposable nn.Linear modules in forward order

@@ -7,13 +7,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from scalespd.config import AnyTargetConfig, ResidMLPTargetConfig, TMSTargetConfig
+from scalespd.config import (
+    AnyTargetConfig,
+    HFCausalLMTargetConfig,
+    ResidMLPTargetConfig,
+    TMSTargetConfig,
+)
 from scalespd.targets.resid_mlp import ResidMLP
 from scalespd.targets.tms import TMSModel
 
 
 class ModuleInfo(NamedTuple):
-    """A decomposable nn.Linear of a target: dotted path, layer index, role."""
+    """A decomposable nn.Linear (or, in GPT-2 LMs, Conv1D) of a target: dotted path, layer
+    index, role."""
 
     path: str
     layer: int
@@ -25,7 +31,14 @@ def module_info(cfg: AnyTargetConfig) -> list[ModuleInfo]:
 
     TMS: linear1 (layer 0, "encoder"), hidden_layers.{i} (layer 1+i, "identity"),
     linear2 (layer 1+n_identity_layers, "decoder").
-    ResidMLP: layers.{i}.mlp_in (layer i, "mlp_in"), layers.{i}.mlp_out (layer i, "mlp_out")."""
+    ResidMLP: layers.{i}.mlp_in (layer i, "mlp_in"), layers.{i}.mlp_out (layer i, "mlp_out").
+    Language models (hf_causal_lm): every nn.Linear / Conv1D of decoder block i (layer i),
+    module_type its path inside the block, e.g. "self_attn.q_proj", "mlp.c_fc"; shapes and
+    Conv1D transposition: scalespd.targets.lm.target_modules."""
+    if isinstance(cfg, HFCausalLMTargetConfig):
+        from scalespd.targets.lm.modules import target_modules  # noqa: PLC0415
+
+        return [m.info for m in target_modules(cfg)]
     if isinstance(cfg, TMSTargetConfig):
         n_id = cfg.n_identity_layers
         return [
@@ -49,7 +62,11 @@ def module_paths(cfg: AnyTargetConfig) -> list[str]:
 
 def build_target(cfg: AnyTargetConfig) -> nn.Module:
     """A freshly initialised target; identical for identical configs (init drawn from
-    cfg.seed in a forked RNG, so the caller's global RNG state is untouched)."""
+    cfg.seed in a forked RNG, so the caller's global RNG state is untouched). Language models:
+    the default LLaMA (path None) or the architecture saved at cfg.path, randomly initialised
+    (the trained weights: scalespd.targets.lm.load_lm_target)."""
+    if isinstance(cfg, HFCausalLMTargetConfig):
+        return _fresh_lm(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if isinstance(cfg, TMSTargetConfig):
@@ -57,6 +74,19 @@ def build_target(cfg: AnyTargetConfig) -> nn.Module:
         if isinstance(cfg, ResidMLPTargetConfig):
             return ResidMLP(cfg)
     raise TypeError(f"target config of type {type(cfg).__name__} is not a toy target config")
+
+
+def _fresh_lm(cfg: HFCausalLMTargetConfig) -> nn.Module:
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415  (heavy import)
+
+    from scalespd.targets.lm.modules import target_model_config  # noqa: PLC0415
+    from scalespd.targets.lm.training import build_default_model  # noqa: PLC0415
+
+    if cfg.path is None:
+        return build_default_model(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(target_model_config(cfg))
 
 
 def ground_truth(cfg: AnyTargetConfig) -> dict[str, Any]:
@@ -75,6 +105,8 @@ def ground_truth(cfg: AnyTargetConfig) -> dict[str, Any]:
         subcomponent of a "dense" module belongs to the single dense mechanism, which spans
         all dense modules (they co-activate on every input).
       n_mechanisms, expected_alive_total, expected_clusters (one per mechanism)."""
+    if isinstance(cfg, HFCausalLMTargetConfig):
+        raise TypeError("language-model targets have no known ground truth")
     modules: dict[str, dict[str, Any]] = {}
     feature_paths: list[str] = []
     dense_paths: dict[str, int] = {}

@@ -1,6 +1,8 @@
 """The `target` stage: train the toy target (or copy the one named by target.path) into
 run_dir/target/{model.pt, meta.json}.
 
+Language models (target.kind hf_causal_lm) are handled by scalespd/targets/lm/stage.py.
+
 Re-running is cheap: if run_dir/target already holds a complete target (meta.json is written
 last) made from the same target config, it is reused as is.
 """
@@ -28,6 +30,10 @@ _SUMMARY_KEYS = ("source", "steps", "final_loss", "eval_loss", "zero_output_loss
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    if cfg.target.kind == "hf_causal_lm":
+        from scalespd.targets.lm.stage import run as run_lm  # noqa: PLC0415
+
+        return run_lm(cfg, run_dir)
     out = Path(run_dir) / STAGE_DIR
     tcfg = cfg.target
     wanted = tcfg.model_dump(mode="json")
