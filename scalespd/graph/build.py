@@ -28,7 +28,7 @@ from scalespd.graph.knn import components, knn_graph
 from scalespd.graph.panels import panel_bounds, validate_columns, validate_matrix
 from scalespd.graph.source import SourceSpec, describe, peak_rss_mb, ray_source
 from scalespd.graph.stats import (
-    ColumnStats,
+    ZStats,
     check_rows,
     column_stats,
     panel_moments,
@@ -130,7 +130,7 @@ def _ray_block_task(
 
 
 def _ray_stats(spec: SourceSpec, n_rows: int, columns: np.ndarray, cfg: GraphConfig,
-               peaks: list[float]) -> ColumnStats:
+               peaks: list[float]) -> ZStats:
     """Pass 1 as one Ray task per column panel; worker peak RSS appended to `peaks`."""
     import ray  # noqa: PLC0415
 

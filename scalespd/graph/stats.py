@@ -1,7 +1,8 @@
 """Pass 1: per-column mean, standard deviation, min and max of the selected columns.
 
 Streams X one (row_chunk, tile_cols) block at a time and merges the per-chunk moments with Chan
-et al.'s pairwise formula in float64 (the naive sum-of-squares formula cancels catastrophically
+et al.'s pairwise formula in float64 (`scalespd.profiles.stats.ColumnStats`, the same
+accumulator as the harvest's) (the naive sum-of-squares formula cancels catastrophically
 when |mean| >> std). A panel's statistics depend on nothing else, so panels can run as
 independent (Ray) tasks: `panel_moments` per panel, then `stats_from_moments`.
 """
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from scalespd.graph.panels import panel_bounds, read_block, row_chunks
+from scalespd.profiles.stats import ColumnStats
 
 # A column is "zero-variance" when its std is at most this fraction of |mean| (or exactly 0):
 # float32 profiles cannot resolve relative variation below ~1e-7, so anything smaller is
@@ -24,8 +26,10 @@ _SCRATCH_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
-class ColumnStats:
-    """Statistics of n selected columns over M rows (population std, ddof = 0).
+class ZStats:
+    """What z-scoring and the chance threshold need of n selected columns over M rows
+    (population std, ddof = 0), derived from the streaming moments of
+    `scalespd.profiles.stats.ColumnStats`.
 
     mean, std, min, max: (n,) float64; zero_var: (n,) bool."""
 
@@ -47,19 +51,6 @@ class ColumnStats:
         return out
 
 
-def chan_merge(
-    a: tuple[int, np.ndarray, np.ndarray], b: tuple[int, np.ndarray, np.ndarray]
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """Merge (count, mean, M2) moment triples of two disjoint row sets (Chan et al. 1979)."""
-    na, mean_a, m2_a = a
-    nb, mean_b, m2_b = b
-    if na == 0:
-        return b
-    n = na + nb
-    delta = mean_b - mean_a
-    return n, mean_a + delta * (nb / n), m2_a + m2_b + delta * delta * (na * nb / n)
-
-
 def panel_moments(
     X: Any, cols: np.ndarray, n_rows: int, row_chunk: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -67,38 +58,37 @@ def panel_moments(
 
     Raises ValueError naming the first offending global column ids if a value is NaN or inf."""
     w = cols.size
-    acc: tuple[int, np.ndarray, np.ndarray] = (0, np.zeros(w), np.zeros(w))
+    acc = ColumnStats.empty(w, tau=0.0)  # only its mean and M2 are used here
     lo = np.full(w, np.inf)
     hi = np.full(w, -np.inf)
     slab = max(1, _SCRATCH_BYTES // (8 * w))
     for r0, r1 in row_chunks(n_rows, row_chunk):
         block = read_block(X, r0, r1, cols)  # (r, w) float32
         for s0 in range(0, block.shape[0], slab):
-            x = block[s0:s0 + slab].astype(np.float64)
-            mean = x.mean(axis=0)
-            if not np.all(np.isfinite(mean)):  # a NaN or inf anywhere makes the mean non-finite
-                bad = cols[~np.isfinite(mean)]
+            part = ColumnStats.of(block[s0:s0 + slab], tau=0.0)
+            if not np.all(np.isfinite(part.mean)):  # a NaN or inf makes the mean non-finite
+                bad = cols[~np.isfinite(part.mean)]
+                last = r0 + s0 + part.n - 1
                 raise ValueError(
                     f"profiles contain NaN or inf values (in column(s) {bad[:10].tolist()}"
-                    f"{' ...' if bad.size > 10 else ''}, rows {r0 + s0}..{r0 + s0 + len(x) - 1});"
+                    f"{' ...' if bad.size > 10 else ''}, rows {r0 + s0}..{last});"
                     " correlations of such columns are undefined: fix or drop them first"
                 )
-            x -= mean
-            acc = chan_merge(acc, (x.shape[0], mean, np.einsum("ij,ij->j", x, x)))
+            acc = acc.merge(part)
             np.minimum(lo, block[s0:s0 + slab].min(axis=0), out=lo)
-            np.maximum(hi, block[s0:s0 + slab].max(axis=0), out=hi)
-    return acc[1], acc[2], lo, hi
+            np.maximum(hi, part.max, out=hi)
+    return acc.mean, acc.m2, lo, hi
 
 
 def stats_from_moments(
     n_rows: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-) -> ColumnStats:
-    """Assemble ColumnStats from the per-panel `panel_moments` results, in panel order."""
+) -> ZStats:
+    """Assemble ZStats from the per-panel `panel_moments` results, in panel order."""
     mean = np.concatenate([p[0] for p in parts])
     m2 = np.concatenate([p[1] for p in parts])
     std = np.sqrt(np.maximum(m2, 0.0) / n_rows)
     zero_var = (std == 0) | (std <= ZERO_VAR_RTOL * np.abs(mean))
-    return ColumnStats(
+    return ZStats(
         n_rows=n_rows,
         mean=mean,
         std=std,
@@ -113,7 +103,7 @@ def check_rows(n_rows: int) -> None:
         raise ValueError(f"profiles need at least 2 rows to correlate columns; got M = {n_rows}")
 
 
-def column_stats(X: Any, columns: np.ndarray, tile_cols: int, row_chunk: int) -> ColumnStats:
+def column_stats(X: Any, columns: np.ndarray, tile_cols: int, row_chunk: int) -> ZStats:
     """Statistics of X[:, columns] (X: (M, N_total) zarr.Array or np.ndarray; columns (n,)),
     one panel after another in this process."""
     n_rows = int(X.shape[0])
