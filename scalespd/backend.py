@@ -43,22 +43,31 @@ def cupy_gpu_available() -> bool:
         return False
 
 
-def resolve_device(device: str) -> Device:
-    """Map a config's "auto" | "cpu" | "cuda" to the device that will actually be used.
+def torch_gpu_available() -> bool:
+    """True when torch sees a CUDA device (what the SPD model's forward passes run on)."""
+    import torch  # noqa: PLC0415
 
-    "cuda" when no GPU array library is usable is an error rather than a silent CPU fallback."""
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(device: str, library: Literal["cupy", "torch"] = "cupy",
+                   field: str = "device") -> Device:
+    """Map a config's "auto" | "cpu" | "cuda" to the device that will actually be used by
+    `library`: CuPy for array work (graph, spectral), torch for model forwards (profiles).
+
+    "cuda" when that library sees no GPU is an error (naming the config `field`) rather than a
+    silent CPU fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cpu":
         return "cpu"
-    if device == "cuda":
-        if not cupy_gpu_available():
-            raise ConfigError(
-                "device: 'cuda' was requested but CuPy cannot see a CUDA GPU "
-                "(install the 'gpu' extra on a GPU machine, or use device: auto/cpu)"
-            )
-        return "cuda"
-    if device == "auto":
-        return "cuda" if cupy_gpu_available() else "cpu"
-    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    available = cupy_gpu_available() if library == "cupy" else torch_gpu_available()
+    if device == "cuda" and not available:
+        hint = ("install the 'gpu' extra on a GPU machine" if library == "cupy"
+                else "torch was installed without CUDA or sees no GPU")
+        raise ConfigError(f"{field}: 'cuda' was requested but {library} cannot see a CUDA GPU "
+                          f"({hint}); or use {field}: auto / cpu")
+    return "cuda" if available else "cpu"
 
 
 def array_module(device: Device) -> ModuleType:

@@ -59,3 +59,17 @@ def test_cuda_without_gpu_is_a_config_error(fresh_cache,
     monkeypatch.setitem(sys.modules, "cupy", _broken_cupy())
     with pytest.raises(ConfigError, match="'cuda' was requested"):
         backend.resolve_device("cuda")
+
+
+def test_torch_device_for_model_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The profiles stage resolves its device through torch (the model runs there), with the
+    same rules and an error naming its field."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend.resolve_device("auto", "torch") == "cpu"
+    assert backend.resolve_device("cpu", "torch") == "cpu"
+    with pytest.raises(ConfigError, match="profiles.device: 'cuda' was requested but torch"):
+        backend.resolve_device("cuda", "torch", field="profiles.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend.resolve_device("auto", "torch") == "cuda"

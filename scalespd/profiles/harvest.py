@@ -35,6 +35,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from scalespd.backend import resolve_device
 from scalespd.config import ProfilesConfig, RayConfig
 from scalespd.errors import naming_file
 from scalespd.profiles.reader import (
@@ -398,14 +399,6 @@ class HarvestResult:
         }
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ProfilesError("profiles.device is 'cuda' but torch sees no CUDA GPU")
-    return device
-
-
 # "auto" uses Ray only for at least this many CI values still to compute: starting actors
 # costs seconds, which small (toy) harvests do not repay.
 AUTO_RAY_MIN_VALUES = 1 << 26
@@ -442,7 +435,7 @@ def harvest(
     n_cols = sum(m["C"] for m in modules)
     layout = BlockLayout.make(source.n_rows, n_cols, cfg.chunk_rows, cfg.chunk_cols,
                               cfg.block_rows, np.dtype(cfg.dtype).itemsize)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "torch", field="profiles.device")
     attrs = {
         "format_version": FORMAT_VERSION,
         "rows": "inputs (one row per input; token positions for language models)",
