@@ -65,7 +65,8 @@ def resolve_device(device: str, library: Literal["cupy", "torch"] = "cupy",
     if device == "cuda" and not available:
         hint = ("install the 'gpu' extra on a GPU machine" if library == "cupy"
                 else "torch was installed without CUDA or sees no GPU")
-        raise ConfigError(f"{field}: 'cuda' was requested but {library} cannot see a CUDA GPU "
+        name = {"cupy": "CuPy", "torch": "torch"}[library]
+        raise ConfigError(f"{field}: 'cuda' was requested but {name} cannot see a CUDA GPU "
                           f"({hint}); or use {field}: auto / cpu")
     return "cuda" if available else "cpu"
 

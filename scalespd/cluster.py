@@ -565,10 +565,7 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     gcfg, scfg = _configs(args)
-    try:
-        device = resolve_device(args.device)
-    except (RuntimeError, UserError) as err:  # "cuda" without a usable GPU library
-        raise InputError(f"--device: {err}") from None
+    device = resolve_device(args.device, field="--device")  # "cuda" without a GPU: an error
     X, partial = open_matrix(args.profiles, args.allow_partial)
     M, N = (int(s) for s in X.shape)
     meta = read_metadata(args.components, N)
