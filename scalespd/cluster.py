@@ -62,7 +62,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -79,6 +79,9 @@ from scalespd.errors import (
 )
 from scalespd.graph.source import NpyFile, RowSubset, peak_rss_mb
 from scalespd.jsonio import write_json_atomic
+
+if TYPE_CHECKING:
+    import zarr
 
 log = logging.getLogger("scalespd.cluster")
 
@@ -188,6 +191,7 @@ def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str,
     profiles directory holding ci.zarr; never read whole. The second value is None, or the
     record of the finished row blocks of an unfinished harvest (see `open_harvest`)."""
     partial = None
+    X: NpyFile | RowSubset | zarr.Array
     if not path.exists():
         raise InputError(f"PROFILES {path} does not exist")
     if path.suffix == ".npy":
@@ -515,6 +519,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-partial", action="store_true",
                    help="for a profiles directory whose harvest is unfinished: cluster only the "
                         "rows of its finished row blocks (refused without this flag)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.FIELD=VALUE",
+                   help="change any other graph.* or spectral.* field (VALUE is YAML; "
+                        "repeatable), e.g. --set graph.mutual=true; see docs/config.md")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -547,7 +555,37 @@ def _configs(args: argparse.Namespace) -> tuple[GraphConfig, SpectralConfig]:
         field = str(e["loc"][0])
         flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
         raise InputError(f"{flag}: {e['msg']}") from None
+    if args.overrides:
+        g, s = _apply_sets(g, s, args.overrides)
     return g, s
+
+
+def _apply_sets(g: GraphConfig, s: SpectralConfig, overrides: list[str]
+                ) -> tuple[GraphConfig, SpectralConfig]:
+    """The graph and spectral configs with `--set section.field=VALUE` applied, validated like
+    the pipeline's YAML (errors name the field)."""
+    from scalespd.config import ConfigError, apply_overrides  # noqa: PLC0415
+
+    for item in overrides:
+        section = item.partition("=")[0].split(".")[0]
+        if section not in ("graph", "spectral"):
+            raise InputError(f"--set {item!r}: only graph.* and spectral.* fields apply to "
+                             "scalespd.cluster (see docs/config.md)")
+    try:
+        data = apply_overrides({"graph": g.model_dump(mode="json"),
+                                "spectral": s.model_dump(mode="json")}, overrides)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    out: list[Any] = []
+    for section, model in (("graph", GraphConfig), ("spectral", SpectralConfig)):
+        try:
+            out.append(model.model_validate(data[section]))
+        except ValidationError as err:
+            e = err.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            raise InputError(f"--set {section}.{where}: {msg}") from None
+    return out[0], out[1]
 
 
 def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
