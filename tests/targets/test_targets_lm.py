@@ -392,16 +392,17 @@ def test_default_training_saves_a_reloadable_hf_directory(tmp_path: Path,
     target = dict(
         dataset=str(text_files["txt"]), n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
         d_mlp=64, vocab_size=300, max_seq_len=64, seq_len=32, heldout_fraction=0.2,
-        train=TargetTrainConfig(steps=40, batch_size=16,
+        train=TargetTrainConfig(steps=60, batch_size=16,
                                 schedule=Sched(lr=1e-2, fn="cosine", warmup_pct=0.1,
                                                final_frac=0.1)).model_dump(),
     )
     summary = _run_stage(tmp_path, **target)
-    assert summary["source"] == "trained" and summary["steps"] == 40
-    # Templates are easy: loss falls far below uniform (log 300 = 5.7) within 40 steps.
+    assert summary["source"] == "trained" and summary["steps"] == 60
+    # Templates are easy: the loss falls far below uniform (log 300 = 5.7) within 60 steps
+    # (measured: 5.71 -> 2.06 training, 2.05 held out).
     assert summary["initial_loss"] > 5.0
-    assert summary["final_loss"] < summary["initial_loss"] - 2.0
-    assert summary["eval_loss"] < 3.0
+    assert summary["final_loss"] < summary["initial_loss"] - 2.5
+    assert summary["eval_loss"] < summary["initial_loss"] - 2.5
     out = tmp_path / "run" / "target"
     meta = read_meta(out)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(meta["files"])

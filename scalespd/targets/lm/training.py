@@ -82,7 +82,7 @@ def train_default_lm(cfg: HFCausalLMTargetConfig, data: LMData, special_id: int 
                      ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Build and train the default model on data.train with cfg.train; deterministic for a
     given config, data and device. Returns (model in eval mode, info: steps, initial_loss (the
-    first step's), final_loss (mean of the last 50 steps), eval_loss / eval_perplexity /
+    first step's), final_loss (mean of the last 10% of the steps, at most 50), eval_loss / eval_perplexity /
     eval_tokens on data.heldout, n_params, tokens_seen, seconds, seconds_per_step)."""
     recipe = cfg.train
     model = build_default_model(cfg, special_id)
@@ -120,7 +120,7 @@ def train_default_lm(cfg: HFCausalLMTargetConfig, data: LMData, special_id: int 
     info: dict[str, Any] = {
         "steps": recipe.steps,
         "initial_loss": losses[0],
-        "final_loss": float(np.mean(losses[-50:])),
+        "final_loss": float(np.mean(losses[-max(1, min(50, recipe.steps // 10)):])),
         "n_params": sum(p.numel() for p in model.parameters()),
         "tokens_seen": recipe.steps * recipe.batch_size * data.seq_len,
         "seconds": round(seconds, 3),
