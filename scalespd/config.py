@@ -209,7 +209,8 @@ class HFCausalLMTargetConfig(Cfg):
     """Stop tokenizing once this many sequences are filled (None: the whole dataset)."""
     heldout_fraction: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.1
     """Fraction of the packed sequences held out from training (a seeded random choice): the
-    target's evaluation loss is measured on them, and later stages can draw from them."""
+    target's evaluation loss is measured on them, and later stages can draw from them. On the
+    bundled corpus: 1,289 of 12,887 sequences of 128 tokens."""
     seed: Int = 0
     """Seed of the default model's initialisation, the held-out split and the training batches."""
     train: TargetTrainConfig = TargetTrainConfig(
@@ -219,7 +220,10 @@ class HFCausalLMTargetConfig(Cfg):
         weight_decay=0.1,
     )
     """Training recipe of the default model (path None): AdamW, `batch_size` sequences of
-    seq_len tokens per step, gradient norm clipped at 1."""
+    seq_len tokens per step, gradient norm clipped at 1. The default (500 steps of 32 x 128
+    tokens, 1.4 passes over the bundled corpus) was measured on 2 CPU cores: 0.4 s/step on an
+    idle machine, 296 s in all with other jobs running; loss 8.32 at the first step, 4.35
+    nats/token on the held-out sequences at the end (perplexity 77)."""
 
     @model_validator(mode="after")
     def _default_shape_is_valid(self) -> HFCausalLMTargetConfig:
