@@ -16,6 +16,7 @@ Usage: python bench/graph_bench.py [--quick] [--ray] [--sizes 5000 10000 ...]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -49,7 +50,8 @@ def machine() -> dict:
     blas = "unknown"
     try:
         cfg = np.show_config(mode="dicts")
-        blas = f"{cfg['Build Dependencies']['blas']['name']} {cfg['Build Dependencies']['blas']['version']}"
+        blas_info = cfg["Build Dependencies"]["blas"]
+        blas = f"{blas_info['name']} {blas_info['version']}"
     except Exception:
         pass
     return {
@@ -240,7 +242,7 @@ def scaling(sizes: list[int], m: int) -> list[dict]:
             rows.append(rec)
             for f in sorted(path.rglob("*"), reverse=True):
                 f.unlink() if f.is_file() else f.rmdir()
-    for a, b in zip(rows, rows[1:]):
+    for a, b in itertools.pairwise(rows):
         r = math.log(b["N"] / a["N"])
         b["time_exponent_vs_prev"] = round(math.log(b["seconds"] / a["seconds"]) / r, 2)
         b["cpu_time_exponent_vs_prev"] = round(

@@ -253,8 +253,11 @@ def write_block(
         ci[c.start : c.stop, :] = c.vals
     if inputs is not None:
         for name, v in source.row_metadata(c.block, c.start, c.stop, c.x).items():
+            arr = inputs[name]
+            # create_or_open_inputs created (or checked) one array per row field.
+            assert isinstance(arr, zarr.Array)
             with naming_file(blocks_dir.parent / INPUTS_FILE / name):
-                inputs[name][c.start : c.stop] = v
+                arr[c.start : c.stop] = v
     record = block_record_path(blocks_dir, c.block)
     with naming_file(record):
         atomic_write_npz(record, {
@@ -364,7 +367,8 @@ def _run_on_ray(
         raise
     finally:
         for a in actors:
-            ray.kill(a)
+            # ray types ActorClass.remote() as `ActorHandle[T] | type[T]`; these are handles.
+            ray.kill(a)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +440,7 @@ def harvest(
     layout = BlockLayout.make(source.n_rows, n_cols, cfg.chunk_rows, cfg.chunk_cols,
                               cfg.block_rows, np.dtype(cfg.dtype).itemsize)
     device = resolve_device(cfg.device, "torch", field="profiles.device")
-    attrs = {
+    attrs: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "rows": "inputs (one row per input; token positions for language models)",
         "column_order": "module order, then subcomponent index; name = <module>:<c>",

@@ -11,6 +11,7 @@ evaluate and report stages and `scalespd.cluster` rely on (DESIGN §4 "Profiles"
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -76,5 +77,7 @@ def read_components(profiles_dir: str | Path) -> pd.DataFrame:
 
 def column_names(arr: zarr.Array) -> list[str]:
     """`<module>:<c>` for every column of a profiles array, from its attributes."""
-    modules = arr.attrs[ATTR_KEY]["modules"]
+    # The attribute the harvest writes (scalespd.profiles.harvest): a dict with "modules".
+    meta = cast("dict[str, Any]", arr.attrs[ATTR_KEY])
+    modules: list[dict[str, Any]] = meta["modules"]
     return [f"{m['module']}:{c}" for m in modules for c in range(m["C"])]

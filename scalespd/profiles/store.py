@@ -255,6 +255,9 @@ def check_inputs(
     for name, (dtype, shape) in fields.items():
         if name in group:
             a = group[name]
+            if not isinstance(a, zarr.Array):
+                raise ProfilesError(f"{path}/{name} is a zarr group, not an array; refusing to "
+                                    "overwrite it")
             have = (tuple(a.shape), str(a.dtype), tuple(a.chunks))
             if have != _inputs_want(layout, dtype, shape):
                 raise ProfilesError(

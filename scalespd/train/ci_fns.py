@@ -71,7 +71,7 @@ class _BlockedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: int, per_component: bool, n_layers: int, x: Tensor,
-                *params: Tensor) -> Tensor:  # type: ignore[override]
+                *params: Tensor) -> Tensor:
         ctx.save_for_backward(x, *params)
         ctx.block, ctx.per_component, ctx.n_layers = block, per_component, n_layers
         C = params[0].shape[0]
@@ -83,7 +83,7 @@ class _BlockedMLP(torch.autograd.Function):
         return torch.cat(outs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         x, *params = ctx.saved_tensors
         block, per_component, n = ctx.block, ctx.per_component, ctx.n_layers
         want_x = ctx.needs_input_grad[3]
@@ -97,6 +97,7 @@ class _BlockedMLP(torch.autograd.Function):
                 out = _mlp_core(xs, ps[:n], ps[n:], per_component)
             grads = torch.autograd.grad(out, ([xs] if want_x else []) + ps, grad[s:e])
             if want_x:
+                assert gx is not None
                 if per_component:
                     gx[s:e] = grads[0]
                 else:

@@ -117,6 +117,8 @@ class TransposedComponents(LinearComponents):
     so subcomponent c here is exactly the transpose of the base's subcomponent c. It owns no
     parameters; the base's one (V, U) pair is used twice and gets one optimiser state."""
 
+    base: LinearComponents
+
     def __init__(self, base: LinearComponents) -> None:
         nn.Module.__init__(self)  # no parameters of its own
         self.d_in, self.d_out, self.C = base.d_out, base.d_in, base.C
@@ -220,7 +222,8 @@ class ComponentModel(nn.Module):
         self._targets: dict[str, nn.Linear] = {}
         # {module: earlier module} whose components it reuses transposed (see tie_components).
         self.tied: dict[str, str] = {}
-        comps, cis = {}, {}
+        comps: dict[str, LinearComponents] = {}
+        cis: dict[str, CIFunction] = {}
         for p in self.module_paths:
             mod = named.get(p)
             if not isinstance(mod, nn.Linear):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from scalespd.config import DecomposeConfig
 from scalespd.errors import naming_file
+
+if TYPE_CHECKING:
+    from scalespd.train.components import ComponentModel
 
 FINAL_DIR = "final"
 MODEL_FILE = "model.pt"
@@ -41,7 +44,7 @@ def read_final_meta(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads((d / META_FILE).read_text())
 
 
-def model_state(model: torch.nn.Module) -> dict[str, Any]:
+def model_state(model: ComponentModel) -> dict[str, Any]:
     """What final/model.pt stores: the trained parts only (the target is in run_dir/target)."""
     return {"components": model.components.state_dict(), "ci_fns": model.ci_fns.state_dict()}
 

@@ -109,7 +109,7 @@ def stochastic_recon_losses(
     one module masked at a time (`stochastic_recon_layerwise`), over S = n_mask_samples mask
     samples. The layerwise pass for module l uses the same sample's mask for l."""
     kind = cfg.loss.output
-    sums = {"full": [], "layer": []}
+    sums: dict[str, list[Tensor]] = {"full": [], "layer": []}
     ns = {"full": 0, "layer": 0}
     for _ in range(cfg.n_mask_samples):
         masks = sample_masks(ci.lower, sampling=cfg.sampling, use_delta=cfg.use_delta_component,
@@ -120,11 +120,11 @@ def stochastic_recon_losses(
             ns["full"] += n
         if layerwise:
             for p in model.module_paths:
-                out = model.forward_masked(x, {p: masks[p]}, cache)
-                err, n = recon_error(out, cache.output, kind)
+                layer_out = model.forward_masked(x, {p: masks[p]}, cache)
+                err, n = recon_error(layer_out, cache.output, kind)
                 sums["layer"].append(err)
                 ns["layer"] += n
-    out = {}
+    out: dict[str, Tensor] = {}
     if full:
         out["stochastic_recon"] = torch.stack(sums["full"]).sum() / ns["full"]
     if layerwise:

@@ -42,13 +42,13 @@ class _LowerLeakyStraightThrough(torch.autograd.Function):
     the upstream gradient g is negative (the loss would decrease if x grew)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, leak: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, leak: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.leak = leak
         return x.clamp(0.0, 1.0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
         inside = (x > 0.0) & (x <= 1.0)
         below_and_wants_up = (x <= 0.0) & (grad < 0.0)

@@ -70,7 +70,8 @@ def assert_topk_matches(
     """Assert that (idx, val) from the tiled code equal the brute-force top-k of C.
 
     Rows flagged by `ambiguous_rows` are exempt from the id check — which neighbour wins a
-    float32 near-tie at the k-th place is not defined. Every listed neighbour must carry its true correlation.
+    float32 near-tie at the k-th place is not defined. Every listed neighbour must carry its true
+    correlation.
     Returns the ambiguous-row mask."""
     ref_v, ref_i = brute_topk(C, k, threshold)
     amb = ambiguous_rows(C, k, threshold, tol)
@@ -78,7 +79,9 @@ def assert_topk_matches(
     # Padding: same number of neighbours per row (unless ambiguous at the threshold).
     cnt, ref_cnt = (idx >= 0).sum(1), (ref_i >= 0).sum(1)
     bad = np.flatnonzero((cnt != ref_cnt) & ~amb)
-    assert bad.size == 0, f"rows {bad[:5]} have {cnt[bad[:5]]} neighbours, expected {ref_cnt[bad[:5]]}"
+    assert bad.size == 0, (
+        f"rows {bad[:5]} have {cnt[bad[:5]]} neighbours, expected {ref_cnt[bad[:5]]}"
+    )
     ok = ~amb
     # Same neighbour sets; the order inside a list is checked through the values (near-equal
     # values may come in either order).

@@ -123,7 +123,7 @@ def _check_graph(res, C: np.ndarray, k: int, threshold: float, mutual: bool,
     W = res.graph
     assert (W != W.T).nnz == 0, "graph must be exactly symmetric"
     coo = W.tocoo()
-    got = {(int(i), int(j)) for i, j in zip(coo.row, coo.col) if i < j}
+    got = {(int(i), int(j)) for i, j in zip(coo.row, coo.col, strict=True) if i < j}
     ref = mutual_edges(ref_i, mutual)
     touched = set(np.flatnonzero(amb).tolist())
     diff = {e for e in got ^ ref if not (set(e) & touched)}
