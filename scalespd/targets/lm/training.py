@@ -82,8 +82,9 @@ def train_default_lm(cfg: HFCausalLMTargetConfig, data: LMData, special_id: int 
                      ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Build and train the default model on data.train with cfg.train; deterministic for a
     given config, data and device. Returns (model in eval mode, info: steps, initial_loss (the
-    first step's), final_loss (mean of the last 10% of the steps, at most 50), eval_loss / eval_perplexity /
-    eval_tokens on data.heldout, n_params, tokens_seen, seconds, seconds_per_step)."""
+    first step's), final_loss (mean of the last 10% of the steps, at most 50), eval_loss /
+    eval_perplexity / eval_tokens on data.heldout, n_params, tokens_seen, seconds,
+    seconds_per_step)."""
     recipe = cfg.train
     model = build_default_model(cfg, special_id)
     model.to(device)  # type: ignore[arg-type]  # transformers' decorated .to confuses mypy
