@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import zarr
 from sklearn.metrics import adjusted_rand_score
+from synthetic_spectral import planted_profiles
 
 from scalespd.backend import cupy_gpu_available
 from scalespd.cluster import main
 from scalespd.spectral.clustering import CLUSTER_COLUMNS
-from scalespd.spectral.synthetic import planted_profiles
 
 SUMMARY_KEYS = {"n_components", "n_alive", "n_edges", "n_connected_components", "n_clusters",
                 "cluster_sizes", "layer_span_counts", "timings"}

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic_spectral import planted_profiles
 
 from scalespd.cluster import main
 from scalespd.graph.source import SourceSpec
-from scalespd.spectral.synthetic import planted_profiles
 
 OUTPUT_FILES = ("clusters.csv", "components.csv")
 GRAPH_ARRAYS = {"stats.npz": ("columns", "mean", "std", "min", "max", "zero_var"),

@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from synthetic_graph import planted_profiles
 
 import scalespd.cluster as cluster
 from scalespd.cluster import MANIFEST, MIN_ROWS, InputError, main
 from scalespd.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
-from scalespd.graph.synthetic import planted_profiles
 
 
 @pytest.fixture(scope="module")

@@ -169,18 +169,6 @@ def _ray_blocks(
         yield a, v, i
 
 
-def _ray_topk(src: TileSource, k: int, threshold: float, device: str,
-              spec: SourceSpec | None = None) -> tuple[np.ndarray, ...]:
-    """All row blocks as Ray tasks, merged: (n, k) values and ids (no checkpoint). spec: how
-    tasks open src.X (None: `ray_source(src.X)`, which may convert it once)."""
-    vals, idx = empty_topk(src.columns.size, k)
-    with nullcontext(spec) if spec is not None else ray_source(src.X) as sp_:
-        for a, v, i in _ray_blocks(src, sp_, k, threshold, device, list(range(len(src.panels)))):
-            sa = src.panels[a][0]
-            vals[sa:], idx[sa:] = merge_topk(vals[sa:], idx[sa:], v, i, k)
-    return vals, idx
-
-
 class _Checkpoint:
     """The merged lists and the finished row blocks, saved now and then so that an interrupted
     pass 2 resumes. `key` identifies the inputs (columns, statistics, threshold, geometry); a
@@ -221,12 +209,13 @@ def _pass2_key(src: TileSource, k: int, threshold: float) -> str:
     return h.hexdigest()
 
 
-def _pass2(
+def pass2_topk(
     src: TileSource, k: int, threshold: float, device: str, spec: SourceSpec | None,
     checkpoint: Path | None, checkpoint_every_s: float, peaks: list[float],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All row blocks merged into (n, k) lists: as Ray tasks reading the matrix through
-    `spec`, or in this process when spec is None."""
+    """Pass 2: all row blocks merged into (n, k) top-k values and ids, as Ray tasks reading the
+    matrix through `spec`, or in this process when spec is None; resumable from `checkpoint`.
+    `peaks` collects the Ray workers' peak RSS (MiB)."""
     panels = src.panels
     ck = _Checkpoint(checkpoint, _pass2_key(src, k, threshold), src.columns.size, k,
                      len(panels), checkpoint_every_s)
@@ -332,7 +321,7 @@ def build_graph(
                 (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
                 n_rows, cfg.tile_cols, cfg.row_chunk,
             )
-            vals, idx = _pass2(src, k, threshold, dev, spec, checkpoint, checkpoint_every_s,
+            vals, idx = pass2_topk(src, k, threshold, dev, spec, checkpoint, checkpoint_every_s,
                                peaks)
         timings["topk_s"] = time.perf_counter() - t2
 

@@ -282,16 +282,3 @@ def _tiles(
 def empty_topk(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(n, k) running top-k state with no neighbours yet."""
     return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
-
-
-def tiled_topk(
-    src: TileSource, k: int, threshold: float, xp: ModuleType
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of every row over all tile pairs, in this process: (n, k) values and ids."""
-    n = src.columns.size
-    vals, idx = empty_topk(n, k)
-    for a, (sa, _) in enumerate(src.panels):
-        # Lists merged so far bound each node's final k-th value from below.
-        v, i = row_block_topk(src, a, k, threshold, xp, floor=vals[:, k - 1])
-        vals[sa:], idx[sa:] = merge_topk(vals[sa:], idx[sa:], v, i, k)
-    return vals, idx

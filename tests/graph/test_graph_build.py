@@ -12,12 +12,12 @@ import pytest
 import zarr
 from graph_reference import assert_topk_matches, brute_corr
 from pydantic import ValidationError
+from synthetic_graph import block_profiles, planted_profiles
 
 from scalespd.backend import cupy_gpu_available
 from scalespd.config import GraphConfig
 from scalespd.graph import GraphResult, build_graph
 from scalespd.graph.stats import column_stats
-from scalespd.graph.synthetic import block_profiles, planted_profiles
 
 
 def _assert_same_result(a: GraphResult, b: GraphResult, atol: float = 1e-6) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic_graph import planted_profiles
 
 from scalespd.config import GraphConfig
 from scalespd.graph import GraphResult, build_graph
 from scalespd.graph.panels import read_block
-from scalespd.graph.synthetic import planted_profiles
 from scalespd.spectral.assign import mean_correlation_to_clusters
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from synthetic_spectral import planted_profiles
 
 from scalespd.config import GraphConfig
 from scalespd.graph import GraphResult, build_graph
 from scalespd.graph.source import NpyFile, RowSubset, SourceSpec, describe, ray_source
-from scalespd.spectral.synthetic import planted_profiles
 
 # Several panels and row chunks, so that both passes run several tasks.
 CFG = GraphConfig(k=4, tile_cols=16, row_chunk=256)

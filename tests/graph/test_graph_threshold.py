@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from graph_reference import brute_corr
 from sklearn.metrics import adjusted_rand_score
+from synthetic_graph import planted_profiles
 
 from scalespd.config import GraphConfig
 from scalespd.graph import build_graph
 from scalespd.graph.stats import column_stats
-from scalespd.graph.synthetic import planted_profiles
 from scalespd.graph.threshold import bennett_bound, edge_threshold, gaussian_bound
 
 

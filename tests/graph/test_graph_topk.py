@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from graph_reference import TOL, assert_topk_matches, brute_corr, brute_topk, mutual_edges
+from synthetic_graph import block_profiles
 
 from scalespd.config import GraphConfig
 from scalespd.graph import build_graph
-from scalespd.graph.synthetic import block_profiles
+from scalespd.graph.build import pass2_topk
 from scalespd.graph.topk import (
     TileSource,
     empty_topk,
     merge_candidates,
     row_block_topk,
-    tiled_topk,
     topk_rows,
 )
 
@@ -77,7 +77,7 @@ def test_known_floors_do_not_change_the_result() -> None:
     X[:, 50:60] = X[:, 0:10]  # exact duplicates: ties at the floor
     src = TileSource(X, np.arange(100), X.mean(0), (1 / (X.std(0) * np.sqrt(300))).astype(
         np.float32), 300, 32, 300)
-    ref_v, ref_i = tiled_topk(src, 4, 0.0, np)
+    ref_v, ref_i = pass2_topk(src, 4, 0.0, "cpu", None, None, 60.0, [])
     for a, start in ((0, 0), (1, 32), (3, 96)):
         v0, i0 = row_block_topk(src, a, 4, 0.0, np)
         f = ref_v[start:, 3:4]

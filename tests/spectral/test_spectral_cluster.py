@@ -8,11 +8,11 @@ import pytest
 import scipy.sparse as sp
 from sklearn.cluster import SpectralClustering
 from sklearn.metrics import adjusted_rand_score
+from synthetic_spectral import planted_graph
 
 from scalespd.config import SpectralConfig
 from scalespd.spectral import cluster_graph, cluster_graph_detailed, cluster_piece
 from scalespd.spectral.core import canonical_labels, piece_seed
-from scalespd.spectral.synthetic import planted_graph
 from scalespd.spectral.tasks import estimate_seconds, graph_pieces, pack_pieces
 
 

@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
+from synthetic_spectral import planted_graph
 
 from scalespd.backend import cupy_gpu_available, kmeans, kmeans_xp
 from scalespd.spectral.core import eigengap_k
@@ -19,7 +20,6 @@ from scalespd.spectral.eigen import (
     smallest_eigenpairs,
     sparse_eigenpairs,
 )
-from scalespd.spectral.synthetic import planted_graph
 
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not cupy_gpu_available(), reason="no CUDA GPU visible to CuPy")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from synthetic_spectral import planted_profiles
 
 from scalespd.config import GraphConfig, SpectralConfig
 from scalespd.graph import build_graph
 from scalespd.spectral.assign import mean_correlation_to_clusters
 from scalespd.spectral.clustering import cluster_alive, order_by_keys
-from scalespd.spectral.synthetic import planted_profiles
 
 TAU = 0.1
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import zarr
 from sklearn.metrics import adjusted_rand_score
+from synthetic_spectral import planted_profiles
 
 from scalespd.config import RunConfig, SpectralConfig
 from scalespd.graph import stage as graph_stage
@@ -17,7 +18,6 @@ from scalespd.profiles.reader import CI_FILE, COMPONENTS_FILE, SUMMARY_FILE
 from scalespd.profiles.store import ATTR_KEY
 from scalespd.spectral import stage as spectral_stage
 from scalespd.spectral.clustering import CLUSTER_COLUMNS
-from scalespd.spectral.synthetic import planted_profiles
 
 TAU = 0.1
 

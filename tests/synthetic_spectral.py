@@ -1,4 +1,5 @@
-"""Planted-partition graphs and profile matrices with known mechanisms, for tests and benchmarks.
+"""Planted-partition graphs and profile matrices with known mechanisms, for the tests and
+bench/spectral_bench.py.
 
 `planted_graph` builds a sparse weighted graph whose connected components are made of blocks
 (the true clusters) joined by a few weak edges. `planted_profiles` builds an (M, N) matrix of

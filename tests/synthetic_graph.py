@@ -1,4 +1,4 @@
-"""Profile matrices with planted mechanisms, for tests and benchmarks of the graph stage.
+"""Profile matrices with planted mechanisms, for the graph tests and bench/graph_bench.py.
 
 They mimic causal-importance profiles: values in [0, 1], mostly exact zeros (hard clamp),
 sparse mechanisms whose subcomponents fire together, dense low-level noise and occasional
