@@ -171,27 +171,37 @@ class Manifest:
 # --------------------------------------------------------------------------------------------
 
 
-def validate_run(cfg: RunConfig) -> None:
+def validate_run(cfg: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -> None:
     """Checks that need more than the schema, done before any work starts: a `target.path`
-    that holds a saved target, a Ray address that answers, and decompose module patterns that
-    match modules of the target (the components are built on an untrained target, which is
-    cheap for every toy)."""
+    that holds a saved target (or, for a language model, a loadable model and tokenizer that fit
+    the data settings), a Ray address that answers, and, when the decompose stage is selected,
+    decompose module patterns that match modules of the target (the components are built on an
+    untrained target, which is cheap for every toy)."""
     from scalespd.raytools import check_reachable  # noqa: PLC0415
     from scalespd.targets import build_target, module_info, module_paths  # noqa: PLC0415
     from scalespd.targets.io import META_FILE, MODEL_FILE  # noqa: PLC0415
     from scalespd.train.components import ComponentModel, match_modules  # noqa: PLC0415
 
-    path = cfg.target.path
-    if path is not None and not ((path / META_FILE).is_file() and (path / MODEL_FILE).is_file()):
-        raise ConfigError(f"target.path: {path} is not a saved target (expected {META_FILE} and "
-                          f"{MODEL_FILE} there, as the target stage writes them); fix the path "
-                          "or remove it to train the target")
+    target = cfg.target
+    if target.kind == "hf_causal_lm":
+        from scalespd.targets.lm import preflight  # noqa: PLC0415
+
+        preflight(target)
+    elif target.path is not None and not ((target.path / META_FILE).is_file()
+                                          and (target.path / MODEL_FILE).is_file()):
+        raise ConfigError(f"target.path: {target.path} is not a saved target (expected "
+                          f"{META_FILE} and {MODEL_FILE} there, as the target stage writes "
+                          "them); fix the path or remove it to train the target")
     check_reachable(cfg.ray)
-    paths = module_paths(cfg.target)
+    if "decompose" not in stages:
+        return
+    if target.kind == "hf_causal_lm":
+        raise ConfigError("decompose: SPD of hf_causal_lm targets is not built yet (only the "
+                          "target stage is); run with --stages target")
+    paths = module_paths(target)
     try:
         module_C = match_modules([(m.pattern, m.C) for m in cfg.decompose.modules], paths)
-        ComponentModel(build_target(cfg.target), module_C, module_info(cfg.target),
-                       cfg.decompose)
+        ComponentModel(build_target(target), module_C, module_info(target), cfg.decompose)
     except ValueError as err:
         raise ConfigError(f"invalid config: decompose.modules: {err}") from None
 
@@ -322,7 +332,7 @@ def run_pipeline(
     """Run (or resume) the selected stages in order. Writes nothing when nothing is to do."""
     selected = list(STAGES) if not stages else [s for s in STAGES if s in stages]
     forced = _forced(force)
-    validate_run(cfg)
+    validate_run(cfg, selected)
     manifest = open_run_dir(run_dir) or Manifest(run_dir / MANIFEST)
     plan = plan_run(manifest, cfg, selected, forced, run_dir)
     for stage in selected:

@@ -46,5 +46,5 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         mod.run = run  # type: ignore[attr-defined]
         monkeypatch.setitem(sys.modules, f"fake_{stage}", mod)
         monkeypatch.setitem(runmod.STAGE_MODULES, stage, f"fake_{stage}")
-    monkeypatch.setattr(runmod, "validate_run", lambda cfg: None)
+    monkeypatch.setattr(runmod, "validate_run", lambda cfg, stages=(): None)
     return calls
