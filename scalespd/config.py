@@ -240,6 +240,8 @@ class HFCausalLMTargetConfig(Cfg):
 
 
 AnyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig | HFCausalLMTargetConfig
+# The toy targets: sparse features, one-hot probes, known ground truth.
+ToyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig
 # The papers' one-hot probe: x_f = 0.75 on feature f alone, for CI heatmaps, target checks and
 # the toys' ground truth.
 ONE_HOT_VALUE = 0.75

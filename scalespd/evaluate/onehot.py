@@ -18,6 +18,8 @@ def onehot_ci(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, list[str]]:
 
     from scalespd.targets import one_hot_inputs  # noqa: PLC0415
 
+    if cfg.target.kind == "hf_causal_lm":
+        raise ValueError("one-hot CI exists for toy targets only")
     model = _load_model(Path(run_dir))
     x = one_hot_inputs(cfg.target, value=cfg.evaluate.onehot_value)
     params = list(model.parameters())

@@ -135,7 +135,7 @@ def merge_all(parts: list[ColumnStats], n_cols: int, tau: float) -> ColumnStats:
 def atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz so that `path` either does not exist or is complete (tmp file + rename)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy stubs: allow_pickle
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

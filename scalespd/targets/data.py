@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scalespd.config import ONE_HOT_VALUE, AnyTargetConfig
+from scalespd.config import ONE_HOT_VALUE, ToyTargetConfig
 
 # Value range of an active feature: TMS features are intensities in (0, 1); ResidMLP features
 # are signed so that the label x + ReLU(x) needs the non-linearity.
@@ -54,7 +54,7 @@ def resid_mlp_labels(x: torch.Tensor) -> torch.Tensor:
     return x + F.relu(x)
 
 
-def make_dataset(cfg: AnyTargetConfig) -> SparseFeatureDataset:
+def make_dataset(cfg: ToyTargetConfig) -> SparseFeatureDataset:
     """The training/SPD data distribution of a toy target."""
     return SparseFeatureDataset(
         kind=cfg.kind,
@@ -65,7 +65,7 @@ def make_dataset(cfg: AnyTargetConfig) -> SparseFeatureDataset:
 
 
 def structured_eval_inputs(
-    cfg: AnyTargetConfig, samples_per_feature: int, generator: torch.Generator
+    cfg: ToyTargetConfig, samples_per_feature: int, generator: torch.Generator
 ) -> torch.Tensor:
     """The clustering paper's TMS evaluation set: (n_features * samples_per_feature, n_features).
 
@@ -83,7 +83,7 @@ def structured_eval_inputs(
 
 
 def one_hot_inputs(
-    cfg: AnyTargetConfig, value: float = ONE_HOT_VALUE, device: str | torch.device = "cpu"
+    cfg: ToyTargetConfig, value: float = ONE_HOT_VALUE, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """value * I, shape (n_features, n_features): row f activates feature f alone."""
     return torch.eye(cfg.n_features, device=device) * value

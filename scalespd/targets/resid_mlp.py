@@ -13,13 +13,16 @@ nn.Linear with the default torch init and biases per config (the shipped recipes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scalespd.config import ResidMLPTargetConfig
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu,
+                                                                  "gelu": F.gelu}
 
 
 class MLPBlock(nn.Module):

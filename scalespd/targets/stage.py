@@ -36,6 +36,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         return run_lm(cfg, run_dir)
     out = Path(run_dir) / STAGE_DIR
     tcfg = cfg.target
+    assert tcfg.kind != "hf_causal_lm"  # handled above; this narrows the type
     wanted = tcfg.model_dump(mode="json")
     if (out / "meta.json").is_file() and (out / "model.pt").is_file():
         meta = read_meta(out)
@@ -48,7 +49,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         model, src_cfg = load_target(tcfg.path)
         _check_same_architecture(src_cfg.model_dump(mode="json"), wanted, tcfg.path)
         src_meta = read_meta(tcfg.path)
-        info = {k: src_meta[k] for k in ("steps", "final_loss", "seconds") if k in src_meta}
+        info: dict[str, Any] = {k: src_meta[k] for k in ("steps", "final_loss", "seconds")
+                                if k in src_meta}
         info |= {"source": "loaded", "loaded_from": str(tcfg.path),
                  "source_config": src_meta["config"], **eval_loss(model, tcfg)}
     else:

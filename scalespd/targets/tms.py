@@ -46,7 +46,8 @@ class TiedLinear(nn.Linear):
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         """(out_features, in_features) = source.weight.T (a view; shares storage)."""
-        return self._source.weight.T
+        source: nn.Linear = self.__dict__["_source"]
+        return source.weight.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from scalespd.config import ONE_HOT_VALUE, AnyTargetConfig
+from scalespd.config import ONE_HOT_VALUE, ToyTargetConfig
 from scalespd.schedules import scheduled_lr
 from scalespd.targets.data import make_dataset, one_hot_inputs
 from scalespd.targets.models import build_target
@@ -44,7 +44,7 @@ def make_generator(seed: int, stream: int, device: str | torch.device = "cpu") -
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, cfg: AnyTargetConfig, device: str | torch.device = "cpu"
+def eval_loss(model: nn.Module, cfg: ToyTargetConfig, device: str | torch.device = "cpu"
               ) -> dict[str, float]:
     """MSE of the model and of the all-zero output on a fixed held-out batch (EVAL_BATCH rows
     from the config's eval stream), so losses are comparable across runs of one config."""
@@ -58,7 +58,7 @@ def eval_loss(model: nn.Module, cfg: AnyTargetConfig, device: str | torch.device
 
 
 @torch.no_grad()
-def sanity_check(model: nn.Module, cfg: AnyTargetConfig) -> dict[str, Any]:
+def sanity_check(model: nn.Module, cfg: ToyTargetConfig) -> dict[str, Any]:
     """One-hot behaviour of a trained target, recorded in meta.json.
 
     TMS (reference check): input ONE_HOT_VALUE (0.75) on feature f alone should come back as
@@ -86,7 +86,7 @@ def sanity_check(model: nn.Module, cfg: AnyTargetConfig) -> dict[str, Any]:
 
 
 def train_target(
-    cfg: AnyTargetConfig,
+    cfg: ToyTargetConfig,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     steps: int | None = None,
