@@ -10,54 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from ray_spy import RaySpy
 from synthetic_spectral import planted_profiles
 
 from scalespd.cluster import main
-from scalespd.graph.source import SourceSpec
 
 OUTPUT_FILES = ("clusters.csv", "components.csv")
 GRAPH_ARRAYS = {"stats.npz": ("columns", "mean", "std", "min", "max", "zero_var"),
                 "topk.npz": ("idx", "val")}
-
-
-class RaySpy:
-    """Records every object given to `ray.put` and every argument of a remote call (Ray tasks
-    of the graph stage, and of the spectral stage when it schedules more than one)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import ray
-
-        from scalespd.spectral import tasks
-
-        self.args: list = []
-        real_put, real_remote = ray.put, ray.remote
-        spy = self
-
-        class Remote:
-            def __init__(self, fn):
-                self.fn = fn
-
-            def options(self, **kw):
-                return Remote(self.fn.options(**kw))
-
-            def remote(self, *a, **kw):
-                spy.args += [*a, *kw.values()]
-                return self.fn.remote(*a, **kw)
-
-        def put(value, **kw):
-            spy.args.append(value)
-            return real_put(value, **kw)
-
-        def remote(*a, **kw):
-            if len(a) == 1 and callable(a[0]) and not kw:
-                return Remote(real_remote(a[0]))
-            return lambda fn: Remote(real_remote(*a, **kw)(fn))
-
-        monkeypatch.setattr(ray, "put", put)
-        monkeypatch.setattr(ray, "remote", remote)
-        # The spectral stage caches its remote function in a module global: spy on a fresh
-        # one and restore the global afterwards.
-        monkeypatch.setattr(tasks, "_remote_solve", None)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +33,6 @@ def npy(tmp_path_factory) -> Path:
 
 def test_ray_path_reads_the_file_and_matches_the_in_process_path(npy, tmp_path, ray_local,
                                                                  monkeypatch):
-    import ray
-    from ray import cloudpickle
-
     X = np.load(npy)
     assert main([str(npy), "--out", str(tmp_path / "local"), "--executor", "local"]) == 0
     spy = RaySpy(monkeypatch)
@@ -94,13 +51,7 @@ def test_ray_path_reads_the_file_and_matches_the_in_process_path(npy, tmp_path, 
 
     # No task argument and nothing put into the object store is (or pickles to anything near)
     # the matrix: the tasks got a descriptor of the file and read their blocks themselves.
-    assert spy.args
-    for a in spy.args:
-        if isinstance(a, ray.ObjectRef):
-            continue  # what it refers to was recorded at ray.put
-        assert not (isinstance(a, np.ndarray) and a.size >= X.size), a.shape
-        assert len(cloudpickle.dumps(a)) < X.nbytes / 20, type(a)
-    specs = [a for a in spy.args if isinstance(a, SourceSpec)]
+    specs = spy.assert_no_matrix(X.size, X.nbytes, fraction=1 / 20)
     assert specs and {(s.kind, Path(s.path)) for s in specs} == {("npy", npy.resolve())}
 
     # Peak RSS next to the wall time: the driver's always, the Ray workers' with Ray only.

@@ -11,62 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from ray_spy import RaySpy
 from synthetic_spectral import planted_profiles
 
 from scalespd.config import GraphConfig
 from scalespd.graph import GraphResult, build_graph
-from scalespd.graph.source import NpyFile, RowSubset, SourceSpec, describe, ray_source
+from scalespd.graph.source import NpyFile, RowSubset, describe, ray_source
 
 # Several panels and row chunks, so that both passes run several tasks.
 CFG = GraphConfig(k=4, tile_cols=16, row_chunk=256)
-
-
-class RaySpy:
-    """Records every object given to `ray.put` and every argument of a remote call."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import ray
-
-        self.args: list = []
-        real_put, real_remote = ray.put, ray.remote
-        spy = self
-
-        class Remote:
-            def __init__(self, fn):
-                self.fn = fn
-
-            def options(self, **kw):
-                return Remote(self.fn.options(**kw))
-
-            def remote(self, *a, **kw):
-                spy.args += [*a, *kw.values()]
-                return self.fn.remote(*a, **kw)
-
-        def put(value, **kw):
-            spy.args.append(value)
-            return real_put(value, **kw)
-
-        def remote(*a, **kw):
-            if len(a) == 1 and callable(a[0]) and not kw:
-                return Remote(real_remote(a[0]))
-            return lambda fn: Remote(real_remote(*a, **kw)(fn))
-
-        monkeypatch.setattr(ray, "put", put)
-        monkeypatch.setattr(ray, "remote", remote)
-
-    def assert_no_matrix(self, shape: tuple[int, int], nbytes: int) -> list[SourceSpec]:
-        """No argument is (or pickles to anything near) the (M, N) matrix; returns the
-        SourceSpecs the tasks were given."""
-        import ray
-        from ray import cloudpickle
-
-        assert self.args, "no Ray task ran"
-        for a in self.args:
-            if isinstance(a, ray.ObjectRef):
-                continue  # what it refers to was recorded at ray.put
-            assert not (isinstance(a, np.ndarray) and a.size >= shape[0] * shape[1]), a.shape
-            assert len(cloudpickle.dumps(a)) < nbytes / 10, type(a)
-        return [a for a in self.args if isinstance(a, SourceSpec)]
 
 
 def _X() -> np.ndarray:
@@ -114,7 +67,7 @@ def test_ray_tasks_open_the_source_and_match_the_in_process_graph(kind, tmp_path
     result = build_graph(source, CFG, use_ray=True, scratch_dir=scratch)
     _same(result, local)
     _same(build_graph(source, CFG), local)  # the in-process path reads these inputs as well
-    specs = spy.assert_no_matrix(dense.shape, dense.nbytes)
+    specs = spy.assert_no_matrix(dense.size, dense.nbytes)
     # Pass 1 (one task per panel) and pass 2 (one per row block) all got the descriptor.
     n_panels = -(-X.shape[1] // CFG.tile_cols)
     assert len(specs) == 2 * n_panels
@@ -136,7 +89,7 @@ def test_in_memory_array_is_converted_once_streaming_and_removed(tmp_path, ray_l
         result = build_graph(X, CFG, use_ray=True, scratch_dir=tmp_path / "scratch")
     _same(result, local)
     assert X.tobytes() == before.tobytes()
-    specs = spy.assert_no_matrix(X.shape, X.nbytes)
+    specs = spy.assert_no_matrix(X.size, X.nbytes)
     assert {s.kind for s in specs} == {"zarr"}
     assert all(str(tmp_path / "scratch") in s.path for s in specs)
     assert "cannot be opened by path in Ray workers" in caplog.text
