@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from faults import fill_until_full
 from profiles_testlib import SIZES, small_cfg, snapshot, tiny_model
 
 from scalespd.config import DecomposeConfig, ModuleSpec, ProfilesConfig, RunConfig, TMSTargetConfig
@@ -57,16 +58,7 @@ class SmallDisk:
 
     def fill(self) -> None:
         if self.full:
-            fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT)
-            try:
-                for chunk in (1 << 20, 1 << 12, 1 << 9):
-                    try:
-                        while True:
-                            os.write(fd, b"\0" * chunk)
-                    except OSError as err:
-                        assert err.errno == errno.ENOSPC, err
-            finally:
-                os.close(fd)
+            fill_until_full(self.ballast)
         else:
             self.locked = [self.root, *(p for p in self.root.rglob("*") if p.is_dir())]
             for p in self.locked:

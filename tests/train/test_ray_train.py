@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
+from faults import pgroup_alive
 
 from scalespd.config import RunConfig, parse_config
 from scalespd.targets import one_hot_inputs
@@ -67,17 +67,6 @@ def _quality(metrics: dict[str, float]) -> dict[str, float]:
             if k.split("/")[0] in ("mmcs", "ml2r", "alive_onehot", "one_per_feature")}
 
 
-def _pgroup_alive(pgid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["pid", "status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return out
-
-
 def _write_yaml(cfg: RunConfig, path: Path) -> Path:
     from scalespd.config import save_config  # noqa: PLC0415
 
@@ -113,7 +102,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             proc.wait()
         first_s = time.perf_counter() - t0
         deadline = time.monotonic() + 30
-        while (left := _pgroup_alive(proc.pid)) and time.monotonic() < deadline:
+        while (left := pgroup_alive(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.2)
         committed = _checkpoint_steps(run_dir)
         # What a re-run resumes from: the newest valid checkpoint on disk, which may be newer

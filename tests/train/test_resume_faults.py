@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
+from faults import fill_until_full, pgroup_alive
 
 from scalespd.config import RunConfig, parse_config, save_config
 from scalespd.errors import INTERRUPTED_MESSAGE, StorageError
@@ -67,17 +67,6 @@ def _steps_on_disk(run_dir: Path) -> list[int]:
 
 def _attempts(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (run_dir / "decompose" / "attempts.jsonl").open()]
-
-
-def _pgroup_alive(pgid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["pid", "status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return out
 
 
 def _drop_from_snapshot(run_dir: Path, name: str) -> None:
@@ -140,7 +129,7 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 proc.wait()
                 pytest.fail("the interrupted run did not exit within 120 s of SIGINT")
         deadline = time.monotonic() + 30
-        while (left := _pgroup_alive(proc.pid)) and time.monotonic() < deadline:
+        while (left := pgroup_alive(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -240,16 +229,7 @@ class _Fault:
 
     def inject(self, run_dir: Path) -> None:
         if self.kind == "full":
-            fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT)
-            try:
-                for chunk in (1 << 20, 1 << 12):
-                    try:
-                        while True:
-                            os.write(fd, b"\0" * chunk)
-                    except OSError as err:
-                        assert err.errno == errno.ENOSPC, err
-            finally:
-                os.close(fd)
+            fill_until_full(self.ballast)
         else:
             self.locked = checkpoint_root(run_dir)
             self.locked.chmod(0o555)
