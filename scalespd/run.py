@@ -183,6 +183,9 @@ def validate_run(cfg: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -
     from scalespd.train.components import ComponentModel, match_modules  # noqa: PLC0415
 
     target = cfg.target
+    if target.kind == "hf_causal_lm" and "decompose" in stages:
+        raise ConfigError("decompose: SPD of hf_causal_lm targets is not built yet (only the "
+                          "target stage is); run with --stages target")
     if target.kind == "hf_causal_lm":
         from scalespd.targets.lm import preflight  # noqa: PLC0415
 
@@ -193,11 +196,8 @@ def validate_run(cfg: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -
                           f"{META_FILE} and {MODEL_FILE} there, as the target stage writes "
                           "them); fix the path or remove it to train the target")
     check_reachable(cfg.ray)
-    if "decompose" not in stages:
+    if "decompose" not in stages or target.kind == "hf_causal_lm":
         return
-    if target.kind == "hf_causal_lm":
-        raise ConfigError("decompose: SPD of hf_causal_lm targets is not built yet (only the "
-                          "target stage is); run with --stages target")
     paths = module_paths(target)
     try:
         module_C = match_modules([(m.pattern, m.C) for m in cfg.decompose.modules], paths)
