@@ -99,6 +99,8 @@ def load_texts(cfg: HFCausalLMTargetConfig) -> datasets.Dataset:
     text_column for a missing file, an unreachable hub name or a missing column."""
     import datasets  # noqa: PLC0415
 
+    # Its per-split progress bars would interleave with the stage log; the log says what loads.
+    datasets.disable_progress_bars()
     if cfg.dataset is None:
         builder, files, source = "json", [str(BUNDLED_CORPUS)], "the bundled corpus"
     else:
