@@ -34,3 +34,16 @@ def pgroup_alive(pgid: int) -> list[int]:
         except (ProcessLookupError, psutil.Error):
             pass
     return out
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of the live (non-zombie) processes whose command line contains `text`."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(
+                    p.info["cmdline"] or []):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -294,11 +293,9 @@ def build_graph(
         active = np.flatnonzero(~stats.zero_var)
         n, k = cols.size, cfg.k
         if 1 < active.size <= k:
-            warnings.warn(
-                f"graph.k = {k} is not smaller than the number of non-constant columns "
-                f"({active.size}): every node keeps all of its candidate neighbours",
-                stacklevel=2,
-            )
+            # A fact about small inputs (the toys), not a problem: logged, not warned.
+            log.info("graph: k = %d is not smaller than the %d non-constant columns; every "
+                     "node keeps all of its candidate neighbours", k, active.size)
 
         # The edge threshold (data-derived unless given).
         t1 = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from faults import pgroup_alive
+from faults import pgroup_alive, processes_mentioning
 
 from scalespd.config import RunConfig, parse_config
 from scalespd.targets import one_hot_inputs
@@ -101,8 +101,12 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         first_s = time.perf_counter() - t0
-        deadline = time.monotonic() + 30
-        while (left := pgroup_alive(proc.pid)) and time.monotonic() < deadline:
+        # Ray's workers are not all in the driver's process group; they die when they notice
+        # their raylet is gone. Wait for every process of this run's Ray (its temp dir is in
+        # their command lines) before looking at what is on disk.
+        deadline = time.monotonic() + 60
+        while ((left := pgroup_alive(proc.pid) + processes_mentioning(ray_tmp))
+               and time.monotonic() < deadline):
             time.sleep(0.2)
         committed = _checkpoint_steps(run_dir)
         # What a re-run resumes from: the newest valid checkpoint on disk, which may be newer
