@@ -36,13 +36,14 @@ def pgroup_alive(pgid: int) -> list[int]:
     return out
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Pids of the live (non-zombie) processes whose command line contains `text`."""
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Pids of the live (non-zombie) processes whose environment has key=value. Ray renames its
+    worker processes (`ray::RayTrainWorker`), so their command lines do not say which Ray they
+    belong to; the environment they inherited (e.g. a private RAY_TMPDIR) does."""
     out = []
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+    for p in psutil.process_iter(["pid", "status"]):
         try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(
-                    p.info["cmdline"] or []):
+            if p.info["status"] != psutil.STATUS_ZOMBIE and p.environ().get(key) == value:
                 out.append(p.pid)
         except psutil.Error:
             pass
