@@ -75,7 +75,19 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
             object_store_memory=cfg.object_store_memory,
             include_dashboard=False,
             log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": "scalespd.raytools.quiet_local_workers"},
         )
+
+
+# Without a dashboard (a local Ray) the State API is off, and Ray Train's placement-group
+# cleaner logs a warning about it every few seconds of training (47 lines in the default run).
+_NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_workers() -> None:
+    """Setup hook of every worker process of a local Ray: silence the warnings that only say
+    the (deliberately absent) dashboard's State API is unavailable."""
+    logging.getLogger(_NOISY_WITHOUT_DASHBOARD).setLevel(logging.ERROR)
 
 
 def cluster_cpus() -> int:

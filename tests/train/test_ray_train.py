@@ -132,6 +132,8 @@ def test_kill_and_resume_continues_from_checkpoint(resumed_run: dict[str, Any]) 
     assert resumed_run["final_after_kill"] is None
     res = resumed_run["res"]
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    # The local Ray has no dashboard; its State API warnings are silenced in the workers.
+    assert "Failed to query Ray Train Controller" not in res.stdout + res.stderr
 
     run_dir = resumed_run["run_dir"]
     attempts = [json.loads(x) for x in (run_dir / "decompose" / "attempts.jsonl").open()]
