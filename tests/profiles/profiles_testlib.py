@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from scalespd.config import ProfilesConfig
+from scalespd.config import DecomposeConfig, ProfilesConfig, TMSTargetConfig
 from scalespd.profiles.sources import RowSource
 from scalespd.profiles.store import BlockLayout
 from scalespd.profiles.synthetic import SyntheticCIModel
+from scalespd.targets import build_target, module_info, module_paths, save_target
+from scalespd.train.components import ComponentModel, match_modules
+from scalespd.train.io import META_FILE, MODEL_FILE, final_dir, model_state
 
 # 3 modules, 7 + 5 + 4 = 16 columns; column 1 dead, column 9 always on.
 SIZES = [("enc", 7), ("mid.0", 5), ("dec", 4)]
@@ -47,3 +51,22 @@ def snapshot(root: Path) -> dict[str, bytes]:
     """relative path -> bytes of every file under root (to prove nothing changed)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
+
+
+def write_decomposed_run_dir(run_dir: Path, target_cfg: TMSTargetConfig,
+                             decompose: DecomposeConfig) -> None:
+    """A run directory as the target and decompose stages leave it (files per train/io.py),
+    holding an untrained SPD model of a freshly built target."""
+    target = build_target(target_cfg)
+    save_target(target, target_cfg, run_dir / "target")
+    specs = [(m.pattern, m.C) for m in decompose.modules]
+    model = ComponentModel(target, match_modules(specs, module_paths(target_cfg)),
+                           module_info(target_cfg), decompose,
+                           generator=torch.Generator().manual_seed(0))
+    final = final_dir(run_dir)
+    final.mkdir(parents=True)
+    torch.save(model_state(model), final / MODEL_FILE)
+    (final / META_FILE).write_text(json.dumps({
+        "target": target_cfg.model_dump(mode="json"),
+        "decompose": decompose.model_dump(mode="json"),
+    }))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from faults import fill_until_full
-from profiles_testlib import SIZES, small_cfg, snapshot, tiny_model
+from profiles_testlib import SIZES, small_cfg, snapshot, tiny_model, write_decomposed_run_dir
 
 from scalespd.config import DecomposeConfig, ModuleSpec, ProfilesConfig, RunConfig, TMSTargetConfig
 from scalespd.errors import storage_error
@@ -29,9 +27,6 @@ from scalespd.profiles.harvest import harvest
 from scalespd.profiles.reader import BLOCKS_DIR, CI_FILE, COMPONENTS_FILE, INPUTS_FILE
 from scalespd.profiles.sources import RandomRowSource
 from scalespd.profiles.store import BlockLayout, finished_blocks
-from scalespd.targets import build_target, module_info, module_paths, save_target
-from scalespd.train.components import ComponentModel, match_modules
-from scalespd.train.io import META_FILE, MODEL_FILE, final_dir, model_state
 
 N = sum(c for _, c in SIZES)
 
@@ -122,18 +117,7 @@ PROFILES = ProfilesConfig(n_samples=1000, chunk_rows=64, block_rows=128, seed=4,
 
 
 def _write_run_dir(run_dir: Path) -> None:
-    """A run directory as the target and decompose stages leave it (an untrained SPD model)."""
-    target = build_target(TARGET)
-    save_target(target, TARGET, run_dir / "target")
-    specs = [(m.pattern, m.C) for m in DECOMPOSE.modules]
-    model = ComponentModel(target, match_modules(specs, module_paths(TARGET)),
-                           module_info(TARGET), DECOMPOSE,
-                           generator=torch.Generator().manual_seed(0))
-    final = final_dir(run_dir)
-    final.mkdir(parents=True)
-    torch.save(model_state(model), final / MODEL_FILE)
-    (final / META_FILE).write_text(json.dumps({"target": TARGET.model_dump(mode="json"),
-                                               "decompose": DECOMPOSE.model_dump(mode="json")}))
+    write_decomposed_run_dir(run_dir, TARGET, DECOMPOSE)
 
 
 def test_disk_full_during_the_profiles_stage_then_rerun_equals_undisturbed(

@@ -9,16 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from profiles_testlib import snapshot
+from profiles_testlib import snapshot, write_decomposed_run_dir
 
 from scalespd.config import DecomposeConfig, ModuleSpec, ProfilesConfig, RunConfig, TMSTargetConfig
 from scalespd.profiles import ProfilesError, open_profiles, read_components
 from scalespd.profiles import stage as profiles_stage
 from scalespd.profiles.sources import block_generator
-from scalespd.targets import build_target, make_dataset, module_info, module_paths, save_target
+from scalespd.targets import make_dataset
 from scalespd.train import load_decomposition
-from scalespd.train.components import ComponentModel, match_modules
-from scalespd.train.io import META_FILE, MODEL_FILE, final_dir, model_state
 
 TARGET = TMSTargetConfig(n_features=5, n_hidden=2)
 # TMS weights are tied, so linear1 and linear2 need the same C.
@@ -29,20 +27,7 @@ PROFILES = ProfilesConfig(n_samples=300, chunk_rows=64, block_rows=128, seed=4,
 
 
 def _write_run_dir(run_dir: Path, decompose: DecomposeConfig) -> None:
-    """A run directory as the target and decompose stages leave it (files per train/io.py)."""
-    target = build_target(TARGET)
-    save_target(target, TARGET, run_dir / "target")
-    specs = [(m.pattern, m.C) for m in decompose.modules]
-    model = ComponentModel(target, match_modules(specs, module_paths(TARGET)),
-                           module_info(TARGET), decompose,
-                           generator=torch.Generator().manual_seed(0))
-    final = final_dir(run_dir)
-    final.mkdir(parents=True)
-    torch.save(model_state(model), final / MODEL_FILE)
-    (final / META_FILE).write_text(json.dumps({
-        "target": TARGET.model_dump(mode="json"),
-        "decompose": decompose.model_dump(mode="json"),
-    }))
+    write_decomposed_run_dir(run_dir, TARGET, decompose)
 
 
 def test_stage_harvests_the_run_decomposition_and_resumes(tmp_path: Path) -> None:
