@@ -28,6 +28,9 @@ EVALUATE_DIR = "evaluate"
 ONEHOT_FILE = "onehot_ci.npy"
 GROUND_TRUTH_FILE = "ground_truth.json"
 SUMMARY_FILE = "summary.json"
+# Language-model targets (see scalespd.evaluate.ablation and the report's LM sections):
+TOKENS_FILE = "tokens.json"  # {"tokens": [decoded text of token id i, for every id]}
+ABLATION_FILE = "ablation.json"  # the cluster ablation test against random same-size sets
 # Targets with a known ground truth, scored against it in the report.
 TOY_KINDS = ("tms", "resid_mlp")
 
