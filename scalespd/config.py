@@ -275,7 +275,12 @@ class LossConfig(Cfg):
     """Coefficient of the stochastic reconstruction loss, all modules masked at once (beta1)."""
     stochastic_recon_layerwise: NonNegFloat = 1.0
     """Coefficient of the layer-wise stochastic reconstruction loss, one module masked at a time
-    (beta2)."""
+    (beta2). Costs one forward pass per decomposed module and mask sample."""
+    stochastic_recon_subset: NonNegFloat = 0.0
+    """Coefficient of the subset stochastic reconstruction loss (the reference's language-model
+    loss): per position, k ~ Uniform{1..L} of the L decomposed modules, chosen at random, use
+    their masked subcomponents and the others the target's own output. One forward pass per
+    mask sample, whatever L, so it replaces the layer-wise loss on models with many modules."""
     importance_minimality: NonNegFloat = 3e-3
     """Coefficient of the importance-minimality loss, sum of (g + eps)^p (beta3)."""
     p: PosFloat = 1.0
@@ -310,10 +315,12 @@ class DecomposeConfig(Cfg):
         min_length=1,
     )
     """Which modules of the target to decompose, and into how many rank-one subcomponents each."""
-    ci_fn: Literal["mlp", "vector_mlp", "shared_mlp"] = "mlp"
+    ci_fn: Literal["mlp", "vector_mlp", "shared_mlp", "global_shared_mlp"] = "mlp"
     """Causal-importance function: `mlp` = one scalar MLP per subcomponent reading its own inner
     activation (the SPD paper); `vector_mlp` = one MLP per subcomponent reading the module
-    input; `shared_mlp` = one MLP per module with C outputs."""
+    input; `shared_mlp` = one MLP per module with C outputs; `global_shared_mlp` = one MLP for
+    all modules, reading every module's inner activations (sum of C inputs and outputs; the
+    reference's language-model choice)."""
     ci_hidden: list[PosInt] = [16]
     """Hidden widths of the CI function MLPs (GELU between layers)."""
     sigmoid: Literal["leaky_hard", "hard"] = "leaky_hard"
@@ -351,7 +358,8 @@ class DecomposeConfig(Cfg):
     steps: PosInt = 2000
     """SPD optimisation steps."""
     batch_size: PosInt = 512
-    """Global batch size; each of `num_workers` DDP ranks draws batch_size / num_workers."""
+    """Global batch size (samples; for a language model, sequences of target.seq_len tokens);
+    each of `num_workers` DDP ranks draws batch_size / num_workers."""
     schedule: ScheduleConfig = ScheduleConfig(lr=1e-2, fn="cosine", final_frac=0.0)
     """Learning-rate schedule of SPD training (AdamW)."""
     weight_decay: NonNegFloat = 0.0
@@ -368,7 +376,8 @@ class DecomposeConfig(Cfg):
     ci_alive_threshold: Fraction = 0.1
     """Threshold for alive counts / CI-L0 in the decomposition metrics."""
     eval_batch_size: PosInt = 4096
-    """Size of the fixed evaluation batch of the decomposition metrics."""
+    """Size of the fixed evaluation batch of the decomposition metrics (for a language model:
+    held-out sequences, at most as many as there are)."""
     num_workers: PosInt = 1
     """Ray Train workers (DDP ranks); each draws batch_size / num_workers samples per step."""
     use_gpu: Bool = False

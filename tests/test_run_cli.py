@@ -246,12 +246,15 @@ def test_internal_bug_keeps_its_traceback(
 def test_language_model_target_is_checked_before_any_work(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An hf_causal_lm target.path (a string: it may be a hub name) is checked by the LM
-    pre-flight; SPD of language models is refused with a clear line until it exists."""
+    pre-flight; decompose module patterns are matched against the LM's module names (listed
+    in the error) before any training."""
     missing = str(tmp_path / "no_model")
     cfg = _write(tmp_path, {"target": {"kind": "hf_causal_lm", "path": missing}})
     rc, err = _main([str(cfg), "--run-dir", str(tmp_path / "run"), "--stages", "target"], capsys)
     assert rc == 2 and "target.path" in _one_error_line(err) and missing in err
     cfg = _write(tmp_path, {"target": {"kind": "hf_causal_lm"}}, "lm.yaml")
     rc, err = _main([str(cfg), "--run-dir", str(tmp_path / "run")], capsys)
-    assert rc == 2 and "decompose: SPD of hf_causal_lm targets" in _one_error_line(err)
+    line = _one_error_line(err)
+    assert rc == 2 and "decompose.modules" in line and "'linear1' matches no" in line
+    assert "model.layers.3.mlp.down_proj" in line  # the modules that do exist are listed
     assert not (tmp_path / "run").exists()

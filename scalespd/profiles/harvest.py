@@ -170,33 +170,39 @@ def _peak_rss_bytes() -> int:
 
 def compute_block_ci(
     model: CIModel, x: torch.Tensor, modules: list[dict[str, Any]], batch_rows: int,
-    device: str, dtype: np.dtype, tau: float,
+    device: str, dtype: np.dtype, tau: float, rows_per_input: int = 1,
 ) -> tuple[np.ndarray, ColumnStats]:
-    """CI of rows x (R, ...) -> ((R, N) array of `dtype`, stats of exactly those stored values).
+    """CI of inputs x (B, ...) -> ((R, N) array of `dtype`, stats of exactly those stored
+    values), R = B * rows_per_input: a toy input is one row, a language-model sequence (B, T)
+    gives T rows (its token positions, in order).
 
-    The forward runs in batches of `batch_rows` rows on `device`; stats come from the values
-    as stored (after the cast), so they agree with numpy on the saved array."""
+    The forward runs in batches of about `batch_rows` rows on `device`; stats come from the
+    values as stored (after the cast), so they agree with numpy on the saved array."""
     n_cols = sum(m["C"] for m in modules)
-    out = np.empty((x.shape[0], n_cols), dtype=dtype)
+    out = np.empty((x.shape[0] * rows_per_input, n_cols), dtype=dtype)
     stats = ColumnStats.empty(n_cols, tau)
     tdtype = getattr(torch, np.dtype(dtype).name)
+    batch_inputs = max(1, batch_rows // rows_per_input)
     with torch.inference_mode():
-        for s in range(0, x.shape[0], batch_rows):
-            xb = x[s : s + batch_rows].to(device)
-            rows = out[s : s + xb.shape[0]]
+        for s in range(0, x.shape[0], batch_inputs):
+            xb = x[s : s + batch_inputs].to(device)
+            n = xb.shape[0] * rows_per_input
+            rows = out[s * rows_per_input : s * rows_per_input + n]
             ci = model.causal_importances(xb)
             for m in modules:
                 g = ci.get(m["module"])
                 if g is None:
                     raise ProfilesError(f"causal_importances returned no values for module "
                                         f"{m['module']!r} (got {sorted(ci)})")
-                if tuple(g.shape) != (xb.shape[0], m["C"]):
+                want = (xb.shape[0], m["C"]) if rows_per_input == 1 else (*xb.shape, m["C"])
+                if tuple(g.shape) != want:
                     raise ProfilesError(
                         f"causal_importances[{m['module']!r}] has shape {tuple(g.shape)}, "
-                        f"expected ({xb.shape[0]}, {m['C']}) (batch, C)"
+                        f"expected {want} (inputs, C)"
                     )
                 # One copy, straight into the block buffer (no concatenation).
-                rows[:, m["offset"] : m["offset"] + m["C"]] = g.to(tdtype).cpu().numpy()
+                rows[:, m["offset"] : m["offset"] + m["C"]] = (
+                    g.reshape(n, m["C"]).to(tdtype).cpu().numpy())
             # Range check on the contiguous host copy (fast; NaN propagates into min/max).
             if not (rows.min() >= 0 and rows.max() <= 1):
                 _raise_out_of_range(rows, modules)
@@ -210,6 +216,11 @@ def _raise_out_of_range(rows: np.ndarray, modules: list[dict[str, Any]]) -> None
     m = next(m for m in modules if m["offset"] <= j < m["offset"] + m["C"])
     raise ProfilesError(f"causal importance of {m['module']}:{j - m['offset']} is outside "
                         f"[0, 1] (or NaN) on row {i} of a batch: {float(rows[i, j])}")
+
+
+def rows_per_input(source: RowSource) -> int:
+    """Profile rows per model input: 1, or a language-model source's sequence length."""
+    return int(getattr(source, "rows_per_input", 1))
 
 
 @dataclass
@@ -233,11 +244,12 @@ def compute_block(
     t0 = time.perf_counter()
     start, stop = layout.block_range(b)
     x = source.block_inputs(b, start, stop)
-    if x.shape[0] != stop - start:
-        raise ProfilesError(f"row source gave {x.shape[0]} inputs for block {b}, expected "
-                            f"{stop - start} (rows [{start}, {stop}))")
+    per_input = rows_per_input(source)
+    if x.shape[0] * per_input != stop - start:
+        raise ProfilesError(f"row source gave {x.shape[0]} inputs of {per_input} row(s) for "
+                            f"block {b}, expected {stop - start} rows ([{start}, {stop}))")
     vals, stats = compute_block_ci(model, x, modules, cfg.batch_rows, device,
-                                   np.dtype(cfg.dtype), cfg.tau)
+                                   np.dtype(cfg.dtype), cfg.tau, per_input)
     return ComputedBlock(b, start, stop, x, vals, stats, time.perf_counter() - t0)
 
 

@@ -7,11 +7,10 @@ uninterrupted one would have seen.
 Row metadata (`profiles/inputs.zarr`). A source declares per-row fields with `row_fields()`
 (name -> (dtype, per-row shape)) and fills them for a block with `row_metadata(...)`; the harvest
 writes each field as an (M, *shape) array of `inputs.zarr`, chunked like the CI rows so the same
-writer owns the same chunks. Toy sources store the input vector itself (`x`). A language-model
-source (a later issue) adds fields instead of changing the writer, e.g.
-`{"token_ids": ("int32", ()), "seq_ids": ("int64", ()), "positions": ("int32", ())}`, where each
-row is one token position and `block_inputs` returns whatever its model's `causal_importances`
-consumes.
+writer owns the same chunks. Toy sources store the input vector itself (`x`). The
+language-model source stores `token_ids`, `seq_ids` and `positions` (one row per token
+position); its `block_inputs` returns whole sequences (B, T), and its `rows_per_input` = T tells
+the harvest that each input gives T rows.
 """
 
 from __future__ import annotations
@@ -165,3 +164,47 @@ class RandomRowSource:
         self, block: int, start: int, stop: int, inputs: torch.Tensor
     ) -> dict[str, np.ndarray]:
         return {"x": inputs.numpy()} if self.save_inputs else {}
+
+
+class LMRowSource:
+    """Token positions of a language model's held-out sequences: row r is position r % T of
+    sequence r // T of `sequences` (M_seq, T), so rows of a sequence are contiguous and in
+    order. Block b covers whole sequences (block_rows must be a multiple of T).
+
+    Row metadata: `token_ids` (int32), `seq_ids` (int64: the sequence's number in the target's
+    packed text stream, `LMData.heldout_index`, which maps it back to the text) and `positions`
+    (int32)."""
+
+    def __init__(self, sequences: torch.Tensor, seq_index: torch.Tensor, block_rows: int,
+                 describe: dict[str, Any]) -> None:
+        self.sequences = sequences.to(torch.int64).cpu()
+        self.seq_index = seq_index.to(torch.int64).cpu()
+        self.rows_per_input = int(sequences.shape[1])
+        if block_rows % self.rows_per_input:
+            raise ValueError(f"block_rows ({block_rows}) must be a multiple of the sequence "
+                             f"length ({self.rows_per_input})")
+        self._describe = describe
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.sequences.shape[0]) * self.rows_per_input
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "lm", "n_rows": self.n_rows, "seq_len": self.rows_per_input,
+                **self._describe}
+
+    def block_inputs(self, block: int, start: int, stop: int) -> torch.Tensor:
+        T = self.rows_per_input
+        return self.sequences[start // T : stop // T]
+
+    def row_fields(self) -> dict[str, RowField]:
+        return {"token_ids": ("int32", ()), "seq_ids": ("int64", ()), "positions": ("int32", ())}
+
+    def row_metadata(
+        self, block: int, start: int, stop: int, inputs: torch.Tensor
+    ) -> dict[str, np.ndarray]:
+        T = self.rows_per_input
+        seqs = self.seq_index[start // T : stop // T].numpy()
+        return {"token_ids": inputs.reshape(-1).numpy().astype(np.int32),
+                "seq_ids": np.repeat(seqs, T),
+                "positions": np.tile(np.arange(T, dtype=np.int32), len(seqs))}

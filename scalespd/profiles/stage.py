@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from scalespd.config import RunConfig
+from scalespd.errors import ConfigError
 from scalespd.profiles.harvest import CIModel, harvest
-from scalespd.profiles.sources import ToyRowSource
+from scalespd.profiles.sources import LMRowSource, ToyRowSource
 from scalespd.profiles.store import ProfilesError
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,36 @@ def check_model_matches_config(model: CIModel, cfg: RunConfig, where: Path) -> N
         )
 
 
+def lm_source(cfg: RunConfig, run_dir: Path) -> LMRowSource:
+    """The first profiles.n_samples // seq_len held-out sequences of the language-model target
+    (all of them if there are fewer), one row per token position."""
+    from scalespd.train.lm import load_sequences  # noqa: PLC0415  (tokenizer, datasets)
+
+    data = load_sequences(run_dir / "target")
+    seq_len = int(data.heldout.shape[1])
+    n_seq = min(cfg.profiles.n_samples // seq_len, int(data.heldout.shape[0]))
+    if n_seq < 1:
+        raise ConfigError(f"profiles.n_samples ({cfg.profiles.n_samples}) is smaller than one "
+                          f"sequence of target.seq_len = {seq_len} tokens")
+    if cfg.profiles.block_rows % seq_len:
+        raise ConfigError(f"profiles.block_rows ({cfg.profiles.block_rows}) must be a multiple "
+                          f"of target.seq_len ({seq_len}): a block holds whole sequences")
+    if n_seq < cfg.profiles.n_samples // seq_len:
+        log.warning("profiles: the target has only %d held-out sequences (%d tokens); "
+                    "profiles.n_samples asks for %d tokens", n_seq, n_seq * seq_len,
+                    cfg.profiles.n_samples)
+    return LMRowSource(data.heldout[:n_seq], data.heldout_index[:n_seq], cfg.profiles.block_rows,
+                       {"split": "heldout", "n_sequences": n_seq})
+
+
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from scalespd.train import load_decomposition  # noqa: PLC0415  (heavy; only when run)
 
     run_dir = Path(run_dir)
     model = load_decomposition(run_dir)
     check_model_matches_config(model, cfg, run_dir / "decompose")
-    source = ToyRowSource(cfg.target, cfg.profiles)
+    source = (lm_source(cfg, run_dir) if cfg.target.kind == "hf_causal_lm"
+              else ToyRowSource(cfg.target, cfg.profiles))
     res = harvest(model, source, run_dir / "profiles", cfg.profiles, ray_cfg=cfg.ray)
     log.info("profiles: %d x %d CI matrix, %d alive of %d", *res.shape, res.n_alive, res.shape[1])
     return res.summary()

@@ -6,6 +6,10 @@ raw (pre-sigmoid) importances of its C subcomponents (digest §2.3, reference §
   minimality and reconstruction losses also train V through this path.
 * ``vector_mlp``: C independent MLPs d_in -> h1 -> ... -> 1 reading the module input x.
 * ``shared_mlp``: one MLP d_in -> h1 -> ... -> C reading the module input x.
+* ``global_shared_mlp``: one MLP for all decomposed modules together, reading every module's
+  inner activations concatenated (sum C -> h1 -> ... -> sum C), as the reference's recent
+  language-model configs share one CI network across modules. A subcomponent's importance can
+  then depend on what every other module's subcomponents see at that position.
 
 The C independent MLPs are evaluated together with parallel weights of shape
 (C, fan_in, fan_out) and einsum, never with a Python loop over components. GELU (exact erf
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CIKind = Literal["mlp", "vector_mlp", "shared_mlp"]
+CIKind = Literal["mlp", "vector_mlp", "shared_mlp", "global_shared_mlp"]
 
 
 def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator | None) -> nn.Parameter:
@@ -202,15 +206,16 @@ class CIFunction(nn.Module):
         elif kind == "vector_mlp":
             self.net = ParallelMLP(C, d_in, hidden, per_component_input=False,
                                    generator=generator)
-        elif kind == "shared_mlp":
+        elif kind in ("shared_mlp", "global_shared_mlp"):
+            # global_shared_mlp: d_in = C = the total over modules (see ComponentModel)
             self.net = SharedMLP(C, d_in, hidden, generator=generator)
         else:
-            raise ValueError(f"unknown CI function kind {kind!r}; expected mlp, vector_mlp or "
-                             f"shared_mlp")
+            raise ValueError(f"unknown CI function kind {kind!r}; expected mlp, vector_mlp, "
+                             f"shared_mlp or global_shared_mlp")
 
     @property
     def reads_inner(self) -> bool:
-        return self.kind == "mlp"
+        return self.kind in ("mlp", "global_shared_mlp")
 
     def forward(self, module_input: Tensor | None, inner: Tensor | None) -> Tensor:
         if self.reads_inner:

@@ -134,6 +134,18 @@ class TransposedComponents(LinearComponents):
         return self.base.V.T
 
 
+def projection_weight(module: nn.Module) -> Tensor:
+    """The (d_out, d_in) weight of a decomposable projection: nn.Linear's own, or a transposed
+    view of a GPT-2 Conv1D's (d_in, d_out) weight. ValueError for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":  # transformers' Conv1D; imported only when met
+        from scalespd.targets.lm.modules import weight_matrix  # noqa: PLC0415
+
+        return weight_matrix(module)
+    raise ValueError(f"{type(module).__name__} is not an nn.Linear or Conv1D projection")
+
+
 def _is_transpose_of(w: Tensor, src: Tensor) -> bool:
     """True when w is a transposed view of src (same storage), as for TMS tied weights."""
     return (
@@ -144,11 +156,13 @@ def _is_transpose_of(w: Tensor, src: Tensor) -> bool:
 
 @dataclass
 class Mask:
-    """Masks for one module in one forward pass: component mask (..., C) and optional
-    delta-component mask (...)."""
+    """Masks for one module in one forward pass: component mask (..., C), optional
+    delta-component mask (...) and optional routing (...) bool: where False, the module keeps
+    the target's own output at that position (the reference's subset routing)."""
 
     component: Tensor
     delta: Tensor | None = None
+    routing: Tensor | None = None
 
 
 @dataclass
@@ -188,6 +202,11 @@ def _key(path: str) -> str:
     return path.replace(".", "-")  # ModuleDict keys cannot contain dots
 
 
+# ci_fns key of the one CI function of `global_shared_mlp` (no module path maps to it: paths
+# never start with a dash).
+GLOBAL_CI_KEY = "-global"
+
+
 class ComponentModel(nn.Module):
     """A frozen target plus C rank-one subcomponents and a CI function per decomposed module.
 
@@ -211,6 +230,8 @@ class ComponentModel(nn.Module):
             raise ValueError(f"modules {missing} are not decomposable modules of the target "
                              f"(known: {sorted(known)})")
         self.target = target.requires_grad_(False)
+        # A Hugging Face causal LM (called with input_ids, returns an output with .logits).
+        self.is_lm = getattr(target, "main_input_name", None) == "input_ids"
         self.module_info = [mi for mi in module_info if mi.path in module_C]
         self.module_paths = [mi.path for mi in self.module_info]
         self.C = {p: int(module_C[p]) for p in self.module_paths}
@@ -219,19 +240,22 @@ class ComponentModel(nn.Module):
         self._upper = upper_fn(cfg.sigmoid, cfg.leak)
 
         named = dict(target.named_modules())
-        self._targets: dict[str, nn.Linear] = {}
+        self._targets: dict[str, nn.Module] = {}
         # {module: earlier module} whose components it reuses transposed (see tie_components).
         self.tied: dict[str, str] = {}
         comps: dict[str, LinearComponents] = {}
-        cis: dict[str, CIFunction] = {}
         for p in self.module_paths:
             mod = named.get(p)
-            if not isinstance(mod, nn.Linear):
-                raise ValueError(f"module {p!r} must be an nn.Linear to be decomposed, got "
-                                 f"{type(mod).__name__}")
+            if mod is None:
+                raise ValueError(f"the target has no module {p!r}")
+            try:
+                weight = projection_weight(mod)
+            except ValueError:
+                raise ValueError(f"module {p!r} must be an nn.Linear (or a GPT-2 Conv1D) to be "
+                                 f"decomposed, got {type(mod).__name__}") from None
             self._targets[p] = mod
             src = next((q for q in self._targets if q != p
-                        and _is_transpose_of(mod.weight, self._targets[q].weight)), None)
+                        and _is_transpose_of(weight, self.target_weight(q))), None)
             if cfg.tie_components and src is not None:
                 if self.C[src] != self.C[p]:
                     raise ValueError(f"modules {src!r} and {p!r} have tied weights, so their "
@@ -241,28 +265,51 @@ class ComponentModel(nn.Module):
                 self.tied[p] = src
                 comps[_key(p)] = TransposedComponents(comps[_key(src)])
             else:
-                comps[_key(p)] = LinearComponents(mod.in_features, mod.out_features, self.C[p],
+                d_out, d_in = weight.shape
+                comps[_key(p)] = LinearComponents(int(d_in), int(d_out), self.C[p],
                                                   generator=generator)
-            cis[_key(p)] = CIFunction(cfg.ci_fn, mod.in_features, self.C[p], list(cfg.ci_hidden),
-                                      generator=generator)
         self.components = nn.ModuleDict(comps)
-        self.ci_fns = nn.ModuleDict(cis)
+        self.ci_fns = nn.ModuleDict(self._build_ci_fns(cfg, generator))
 
         self._pass: _PassState | None = None
+
+    def _build_ci_fns(self, cfg: DecomposeConfig,
+                      generator: torch.Generator | None) -> dict[str, CIFunction]:
+        """One CI function per module, or for `global_shared_mlp` one under GLOBAL_CI_KEY that
+        reads every module's inner activations (concatenated in module order) and outputs all
+        modules' CIs."""
+        if cfg.ci_fn == "global_shared_mlp":
+            total = sum(self.C.values())
+            return {GLOBAL_CI_KEY: CIFunction(cfg.ci_fn, total, total, list(cfg.ci_hidden),
+                                              generator=generator)}
+        return {_key(p): CIFunction(cfg.ci_fn, self.comp_dims(p)[0], self.C[p],
+                                    list(cfg.ci_hidden), generator=generator)
+                for p in self.module_paths}
 
     # ---------------------------------------------------------------------------------------
     # Access
     # ---------------------------------------------------------------------------------------
 
+    def comp_dims(self, path: str) -> tuple[int, int]:
+        """(d_in, d_out) of a decomposed module."""
+        d_out, d_in = self.target_weight(path).shape
+        return int(d_in), int(d_out)
+
     def comp(self, path: str) -> LinearComponents:
         return self.components[_key(path)]  # type: ignore[return-value]
 
     def ci_fn(self, path: str) -> CIFunction:
+        """The CI function of one module (not for global_shared_mlp: see `raw_ci`)."""
         return self.ci_fns[_key(path)]  # type: ignore[return-value]
 
+    @property
+    def global_ci(self) -> bool:
+        """Whether one CI function serves all modules (ci_fn global_shared_mlp)."""
+        return GLOBAL_CI_KEY in self.ci_fns
+
     def target_weight(self, path: str) -> Tensor:
-        """The frozen target weight (d_out, d_in)."""
-        return self._targets[path].weight
+        """The frozen target weight (d_out, d_in) (a transposed view for Conv1D)."""
+        return projection_weight(self._targets[path])
 
     def component_parameters(self) -> list[nn.Parameter]:
         return list(self.components.parameters())
@@ -302,8 +349,11 @@ class ComponentModel(nn.Module):
                 inner = comp.inner(x)
             state.upstream_changed = True
             m = state.masks[path]
-            return comp.masked_output(inner, output, self._targets[path].bias, m.component,
-                                      m.delta)
+            bias = getattr(self._targets[path], "bias", None)
+            out = comp.masked_output(inner, output, bias, m.component, m.delta)
+            if m.routing is not None:  # positions not routed keep the target's output
+                out = torch.where(m.routing.unsqueeze(-1), out, output)
+            return out
 
         return hook
 
@@ -314,7 +364,7 @@ class ComponentModel(nn.Module):
                    for p, mod in self._targets.items()]
         self._pass = state
         try:
-            return self.target(x)
+            return self._call_target(x)
         finally:
             self._pass = None
             for h in handles:
@@ -336,25 +386,40 @@ class ComponentModel(nn.Module):
         run before any replaced module reuse the cached inner activations instead of x V."""
         return self._run(x, _PassState(masks=masks, reuse=cache))
 
+    def _call_target(self, x: Tensor) -> Tensor:
+        """The target's output tensor: a toy's output, or a Hugging Face causal LM's logits
+        (B, T, vocab) for token ids x (B, T) (no KV cache: every forward is a whole sequence)."""
+        if self.is_lm:
+            return self.target(input_ids=x, use_cache=False).logits
+        return self.target(x)
+
     def forward(self, x: Tensor) -> Tensor:
         """The plain target forward."""
-        return self.target(x)
+        return self._call_target(x)
 
     # ---------------------------------------------------------------------------------------
     # Causal importance
     # ---------------------------------------------------------------------------------------
 
+    def raw_ci(self, inputs: dict[str, Tensor], inner: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Raw CI-function outputs {path: (..., C)} from each module's input (..., d_in) and
+        inner activations (..., C)."""
+        if self.global_ci:
+            z = self.ci_fns[GLOBAL_CI_KEY](None, torch.cat([inner[p] for p in self.module_paths],
+                                                           dim=-1))
+            return dict(zip(self.module_paths, z.split(list(self.C.values()), dim=-1),
+                            strict=True))
+        return {p: self.ci_fn(p)(inputs[p], inner[p]) for p in self.module_paths}
+
     def ci_from_cache(self, cache: ForwardCache,
                       generator: torch.Generator | None = None) -> CausalImportance:
         """CI of every decomposed module (with grad). Fills `cache.inner`. For binomial
         sampling the lower CI reads 1.05 z - 0.05 u, u ~ U(0, 1) (reference §1.3)."""
-        lower, upper, pre = {}, {}, {}
         for p in self.module_paths:
-            x = cache.inputs[p]
-            inner = self.comp(p).inner(x)
-            cache.inner[p] = inner
-            z = self.ci_fn(p)(x, inner)
-            pre[p] = z
+            cache.inner[p] = self.comp(p).inner(cache.inputs[p])
+        pre = self.raw_ci(cache.inputs, cache.inner)
+        lower, upper = {}, {}
+        for p, z in pre.items():
             upper[p] = self._upper(z)
             if self.sampling == "binomial":
                 u = torch.rand(z.shape, device=z.device, dtype=z.dtype, generator=generator)
@@ -365,14 +430,12 @@ class ComponentModel(nn.Module):
 
     @torch.no_grad()
     def causal_importances(self, x: Tensor) -> dict[str, Tensor]:
-        """Activation profiles: g in [0, 1] per module, (..., C), without gradients.
+        """Activation profiles: g in [0, 1] per module, (..., C), without gradients (for a
+        language model x is (B, T) token ids and each g is (B, T, C)).
 
         Computed from the raw CI-function output with the lower bounding function and clamped
         to [0, 1] (no binomial noise)."""
         cache = self.forward_cached(x)
-        out = {}
-        for p in self.module_paths:
-            xin = cache.inputs[p]
-            z = self.ci_fn(p)(xin, self.comp(p).inner(xin))
-            out[p] = self._lower(z).clamp(0.0, 1.0)
-        return out
+        inner = {p: self.comp(p).inner(cache.inputs[p]) for p in self.module_paths}
+        return {p: self._lower(z).clamp(0.0, 1.0)
+                for p, z in self.raw_ci(cache.inputs, inner).items()}

@@ -94,6 +94,17 @@ def sample_masks(
     return out
 
 
+def subset_routing(shape: torch.Size, n_modules: int, device: torch.device,
+                   generator: torch.Generator | None) -> Tensor:
+    """(..., L) bool: per position, a uniformly random number k in {1..L} of the L modules, a
+    uniformly random choice of which (module l is routed iff its rank in a random permutation
+    is below k)."""
+    noise = torch.rand((*shape, n_modules), device=device, generator=generator)
+    rank = noise.argsort(dim=-1).argsort(dim=-1)  # a random permutation per position
+    k = torch.randint(1, n_modules + 1, (*shape, 1), device=device, generator=generator)
+    return rank < k
+
+
 def stochastic_recon_losses(
     model: ComponentModel,
     x: Tensor,
@@ -104,13 +115,15 @@ def stochastic_recon_losses(
     *,
     full: bool = True,
     layerwise: bool = True,
+    subset: bool = False,
 ) -> dict[str, Tensor]:
-    """Stochastic reconstruction with every module masked at once (`stochastic_recon`) and with
-    one module masked at a time (`stochastic_recon_layerwise`), over S = n_mask_samples mask
-    samples. The layerwise pass for module l uses the same sample's mask for l."""
+    """Stochastic reconstruction with every module masked at once (`stochastic_recon`), with
+    one module masked at a time (`stochastic_recon_layerwise`) and with a random subset of the
+    modules masked per position (`stochastic_recon_subset`), over S = n_mask_samples mask
+    samples. The layerwise and subset passes use the same sample's masks."""
     kind = cfg.loss.output
-    sums: dict[str, list[Tensor]] = {"full": [], "layer": []}
-    ns = {"full": 0, "layer": 0}
+    sums: dict[str, list[Tensor]] = {"full": [], "layer": [], "subset": []}
+    ns = {"full": 0, "layer": 0, "subset": 0}
     for _ in range(cfg.n_mask_samples):
         masks = sample_masks(ci.lower, sampling=cfg.sampling, use_delta=cfg.use_delta_component,
                              generator=generator)
@@ -118,6 +131,14 @@ def stochastic_recon_losses(
             err, n = recon_error(model.forward_masked(x, masks, cache), cache.output, kind)
             sums["full"].append(err)
             ns["full"] += n
+        if subset:
+            lead = next(iter(ci.lower.values())).shape[:-1]
+            route = subset_routing(lead, len(model.module_paths), x.device, generator)
+            routed = {p: Mask(m.component, m.delta, route[..., i])
+                      for i, (p, m) in enumerate(masks.items())}
+            err, n = recon_error(model.forward_masked(x, routed, cache), cache.output, kind)
+            sums["subset"].append(err)
+            ns["subset"] += n
         if layerwise:
             for p in model.module_paths:
                 layer_out = model.forward_masked(x, {p: masks[p]}, cache)
@@ -129,6 +150,8 @@ def stochastic_recon_losses(
         out["stochastic_recon"] = torch.stack(sums["full"]).sum() / ns["full"]
     if layerwise:
         out["stochastic_recon_layerwise"] = torch.stack(sums["layer"]).sum() / ns["layer"]
+    if subset:
+        out["stochastic_recon_subset"] = torch.stack(sums["subset"]).sum() / ns["subset"]
     return out
 
 
@@ -158,7 +181,8 @@ def spd_loss(
     generator: torch.Generator | None,
 ) -> tuple[Tensor, dict[str, Tensor], CausalImportance]:
     """The total SPD loss on batch x (..., d_in) at `step`:
-    faithfulness * L_faith + beta1 * L_stoch + beta2 * L_layerwise + beta3 * L_min.
+    faithfulness * L_faith + beta1 * L_stoch + beta2 * L_layerwise + beta_s * L_subset
+    + beta3 * L_min.
 
     Returns (total, {term: value (detached)} incl. 'p', CI). Terms with coefficient 0 are not
     computed (except faithfulness, which is cheap and logged)."""
@@ -175,9 +199,11 @@ def spd_loss(
 
     recon = stochastic_recon_losses(model, x, cache, ci, cfg, generator,
                                     full=lc.stochastic_recon > 0,
-                                    layerwise=lc.stochastic_recon_layerwise > 0)
+                                    layerwise=lc.stochastic_recon_layerwise > 0,
+                                    subset=lc.stochastic_recon_subset > 0)
     for name, coeff in (("stochastic_recon", lc.stochastic_recon),
-                        ("stochastic_recon_layerwise", lc.stochastic_recon_layerwise)):
+                        ("stochastic_recon_layerwise", lc.stochastic_recon_layerwise),
+                        ("stochastic_recon_subset", lc.stochastic_recon_subset)):
         if name in recon:
             terms[name] = recon[name]
             total = total + coeff * recon[name]

@@ -154,9 +154,10 @@ def decomposition_metrics(
     cache = model.forward_cached(x_eval)
     ci = model.ci_from_cache(cache, generator)
     out["loss/faithfulness"] = float(faithfulness_loss(model.weight_deltas()))
-    rec = stochastic_recon_losses(model, x_eval, cache, ci, cfg, generator)
-    out["loss/stochastic_recon"] = float(rec["stochastic_recon"])
-    out["loss/stochastic_recon_layerwise"] = float(rec["stochastic_recon_layerwise"])
+    rec = stochastic_recon_losses(model, x_eval, cache, ci, cfg, generator,
+                                  subset=cfg.loss.stochastic_recon_subset > 0)
+    for name, value in rec.items():
+        out[f"loss/{name}"] = float(value)
     out["loss/ci_masked_recon"] = float(ci_masked_recon_loss(model, x_eval, cache, ci,
                                                              cfg.loss.output))
     out["loss/unmasked_recon"] = float(unmasked_recon_loss(model, x_eval, cache, cfg.loss.output))
@@ -199,15 +200,16 @@ def decomposition_metrics(
 
 @torch.no_grad()
 def save_ci_heatmap(model: ComponentModel, one_hot: Tensor, path: Path,
-                    title: str | None = None) -> None:
-    """PNG of CI on one-hot inputs (F, F), one panel per module: rows = input features, columns =
-    subcomponents permuted greedily (digest §1.5), colour scale [0, 1]."""
+                    title: str | None = None, ylabel: str = "one-hot input feature") -> None:
+    """PNG of CI on one-hot inputs (F, F) (or on the tokens of one sequence (1, T) of a
+    language model), one panel per module: rows = inputs, columns = subcomponents permuted
+    greedily (digest §1.5), colour scale [0, 1]."""
     # The object API (no pyplot): no global backend state, safe in workers and threads.
     from matplotlib.figure import Figure  # noqa: PLC0415
 
     g = model.causal_importances(one_hot)
     paths = model.module_paths
-    n_feat = one_hot.shape[0]
+    n_feat = g[paths[0]].flatten(0, -2).shape[0]  # rows: inputs (one-hot features, tokens)
     width = sum(max(2.0, 0.12 * model.C[p]) for p in paths) + 1.5
     fig = Figure(figsize=(min(width, 40), max(2.5, 0.12 * n_feat + 1.5)), layout="constrained")
     axes = fig.subplots(1, len(paths), squeeze=False)
@@ -220,7 +222,7 @@ def save_ci_heatmap(model: ComponentModel, one_hot: Tensor, path: Path,
         ax.set_title(p, fontsize=9)
         ax.set_xlabel("subcomponent (permuted)")
         if i == 0:
-            ax.set_ylabel("one-hot input feature")
+            ax.set_ylabel(ylabel)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="causal importance")
     if title:

@@ -430,8 +430,13 @@ def _train(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     target, target_cfg = load_target(run_dir / "target")
+    data = None
+    if target_cfg.kind == "hf_causal_lm":
+        from scalespd.train.lm import load_sequences  # noqa: PLC0415
+
+        data = load_sequences(run_dir / "target")
     trainer = SPDTrainer(target, target_cfg, dcfg, device=device, rank=rank,
-                         world_size=world_size)
+                         world_size=world_size, data=data)
 
     state, source = _initial_state(ray.train.get_checkpoint(), config.get("resume"), device)
     if state is not None:

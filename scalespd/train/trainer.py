@@ -32,6 +32,7 @@ from scalespd.config import ONE_HOT_VALUE, DecomposeConfig
 from scalespd.schedules import scheduled_lr
 from scalespd.targets import ground_truth, make_dataset, module_info, one_hot_inputs
 from scalespd.train.components import ComponentModel, match_modules
+from scalespd.train.lm import LMSequences, ce_kl_metrics
 from scalespd.train.losses import annealed_p, faithfulness_loss, spd_loss
 from scalespd.train.metrics import decomposition_metrics, save_ci_heatmap
 
@@ -59,7 +60,10 @@ class SPDTrainer:
         device: torch.device | str,
         rank: int = 0,
         world_size: int = 1,
+        data: LMSequences | None = None,
     ) -> None:
+        """`data`: the token sequences of a language-model target (`lm.load_sequences`);
+        toys generate their own data from target_cfg."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"invalid rank {rank} / world_size {world_size}")
         if cfg.batch_size % world_size:
@@ -83,7 +87,10 @@ class SPDTrainer:
         self.params = self.model.component_parameters() + self.model.ci_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.schedule.lr,
                                            weight_decay=cfg.weight_decay)
-        self.dataset = make_dataset(target_cfg)
+        self.is_lm = target_cfg.kind == "hf_causal_lm"
+        if self.is_lm and data is None:
+            raise ValueError("a language-model target needs its token sequences (data=)")
+        self.dataset: Any = data if self.is_lm else make_dataset(target_cfg)
         self.step = 0
         self.warmed_up = cfg.faithfulness_warmup_steps == 0
         self._data_gen = torch.Generator(device=self.device)
@@ -180,16 +187,27 @@ class SPDTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Decomposition metrics (see `metrics.decomposition_metrics`) on a deterministic eval
-        batch of cfg.eval_batch_size (same inputs and masks at every call, on every rank)."""
+        batch of cfg.eval_batch_size (same inputs and masks at every call, on every rank); for
+        a language model, on its first held-out sequences, plus `lm.ce_kl_metrics`."""
         self.model.eval()
         gen = self._eval_generator()
-        x = self.dataset.sample(self.cfg.eval_batch_size, gen)
         p = annealed_p(min(self.step, self.cfg.steps), self.cfg.steps, self.cfg.loss)
+        if self.is_lm:
+            x = self.dataset.eval_batch(self.cfg.eval_batch_size, self.device)
+            out = decomposition_metrics(self.model, self.cfg, x, None, None, p=p, generator=gen)
+            return out | ce_kl_metrics(self.model, x, self.cfg.ci_alive_threshold)
+        x = self.dataset.sample(self.cfg.eval_batch_size, gen)
         return decomposition_metrics(self.model, self.cfg, x, self._one_hot(),
                                      ground_truth(self.target_cfg), p=p, generator=gen)
 
     def save_ci_heatmap(self, path: Path) -> None:
-        """PNG of the causal importances on one-hot inputs (ONE_HOT_VALUE), columns permuted."""
+        """PNG of the causal importances on one-hot inputs (ONE_HOT_VALUE), columns permuted;
+        for a language model, on the tokens of its first held-out sequence."""
+        if self.is_lm:
+            save_ci_heatmap(self.model, self.dataset.eval_batch(1, self.device), Path(path),
+                            title=f"causal importance on one held-out sequence, step {self.step}",
+                            ylabel="token position")
+            return
         save_ci_heatmap(self.model, self._one_hot(), Path(path),
                         title=f"causal importance on one-hot inputs, step {self.step}")
 
