@@ -1,5 +1,6 @@
-"""index.html: one self-contained page (inline CSS, no JavaScript, PNGs referenced relatively
-next to it), readable offline by opening the file."""
+"""index.html: one self-contained page (inline CSS, PNGs referenced relatively next to it),
+readable offline by opening the file. No JavaScript, except the inline cluster filter of the
+language-model sections (`scalespd.report.lm_html`)."""
 
 from __future__ import annotations
 
@@ -156,7 +157,9 @@ def render_html(
     table: list[dict[str, Any]],
     figures: list[dict[str, str]],
     gt_tables: list[dict[str, Any]],
+    lm: dict[str, Any] | None = None,
 ) -> str:
+    """lm: the language-model sections' data (`scalespd.report.lm.lm_report`), or None."""
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>scalespd report: {_e(cfg.name)}</title><style>{_CSS}</style></head><body>",
@@ -186,13 +189,18 @@ def render_html(
                 "(the clustering paper's TMS 5-2+ID failure: identity distributed over the "
                 "feature clusters).</p>")
         parts += [_gt_overview(gt_tables), "<h3>Per feature</h3>", _gt_features(gt_tables)]
+    if lm is not None:
+        from scalespd.report.lm_html import render_lm  # noqa: PLC0415  (it imports this)
+
+        parts.append(render_lm(cfg, lm))
     parts.append("<h2>Plots</h2>")
     for f in figures:
         parts.append(f"<figure><img src='{_e(f['file'])}' alt='{_e(f['caption'])}'>"
                      f"<figcaption>{_e(f['caption'])}</figcaption></figure>")
-    parts += ["<h2>Clusters</h2>",
-              _cluster_rows(table, cfg.report.max_table_rows, cfg.report.max_members_listed),
-              "<h2>Alive subcomponents per module</h2>",
+    if lm is None:  # for LMs the LM cluster table above has these columns and more
+        parts += ["<h2>Clusters</h2>",
+                  _cluster_rows(table, cfg.report.max_table_rows, cfg.report.max_members_listed)]
+    parts += ["<h2>Alive subcomponents per module</h2>",
               _table(["module", "alive", "dead"],
                      [[m, v["alive"], v["dead"]] for m, v in summary["alive_per_module"].items()]),
               "<h2>Configuration</h2>", f"<pre>{_e(config_to_yaml(cfg))}</pre>",
@@ -207,7 +215,8 @@ def write_html(
     table: list[dict[str, Any]],
     figures: list[dict[str, str]],
     gt_tables: list[dict[str, Any]],
+    lm: dict[str, Any] | None = None,
 ) -> None:
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(cfg, summary, table, figures, gt_tables), encoding="utf-8")
+    tmp.write_text(render_html(cfg, summary, table, figures, gt_tables, lm), encoding="utf-8")
     tmp.replace(path)

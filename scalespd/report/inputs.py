@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,9 @@ import scipy.sparse as sp
 from scalespd.errors import StageInputError
 from scalespd.profiles.reader import as_bool, read_components
 from scalespd.spectral.clustering import CLUSTER_COLUMNS
+
+if TYPE_CHECKING:
+    from scalespd.report.lm_inputs import LMInputs
 
 
 class ReportInputError(StageInputError):
@@ -58,6 +61,9 @@ class RunArtifacts:
     # order, and the target's ground truth (`scalespd.targets.ground_truth`).
     onehot: np.ndarray | None = None
     truth: dict[str, Any] | None = None
+    # Language-model targets: token / sequence / position per profile row, token texts,
+    # ablation results, decomposition metrics (`scalespd.report.lm_inputs`); None for toys.
+    lm: LMInputs | None = None
 
     @property
     def alive(self) -> pd.DataFrame:
@@ -187,8 +193,10 @@ def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix |
 
 
 def load_run(run_dir: Path) -> RunArtifacts:
-    """Read profiles/components.csv, spectral/clusters.csv + spectra.json, graph/ and
-    manifest.json from a run directory."""
+    """Read profiles/components.csv, spectral/clusters.csv + spectra.json, graph/,
+    manifest.json, evaluate/ and, for language models, the token inputs from a run directory."""
+    from scalespd.report.lm_inputs import read_lm_inputs  # noqa: PLC0415  (it imports this)
+
     run_dir = Path(run_dir)
     components = read_components(run_dir / "profiles")
     clusters = read_clusters(run_dir / "spectral", components)
@@ -215,6 +223,7 @@ def load_run(run_dir: Path) -> RunArtifacts:
         spectral_info=read_spectral_info(run_dir / "spectral"),
         alternative=read_alternative(run_dir / "spectral", components, alive_ids),
         **read_evaluation(run_dir / "evaluate", components),
+        lm=read_lm_inputs(run_dir, manifest),
     )
 
 

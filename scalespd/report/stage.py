@@ -28,6 +28,7 @@ from scalespd.report.inputs import (
     load_run,
     read_profile_columns,
 )
+from scalespd.report.lm import lm_report
 from scalespd.report.stats import (
     cluster_stats,
     cluster_table,
@@ -53,6 +54,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if "ground_truth" in summary:
         g = summary["ground_truth"]
         out["mechanisms_recovered"] = f"{g['mechanisms_recovered']}/{g['mechanisms_total']}"
+    if "ablation" in summary.get("lm", {}):
+        a = summary["lm"]["ablation"]
+        out["ablation_beats_95"] = f"{a['n_beats_95']}/{a['n_tested']}"
     return out
 
 
@@ -161,11 +165,15 @@ def build_report(
     gt_tables: list[dict[str, Any]] = []
     if onehot is not None:
         gt_tables = _ground_truth(cfg, art, onehot, alternative, summary, figures, out_dir)
+    lm_data = None
+    if art.lm is not None:  # a language model: tokens, contexts, modules, ablation
+        lm_data = lm_report(cfg, art, table, out_dir)
+        summary["lm"] = lm_data["summary"]
 
     summary["report_seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out_dir / "summary.json", summary)
     write_json_atomic(out_dir / "clusters.json", table)
-    write_html(out_dir / "index.html", cfg, summary, table, figures, gt_tables)
+    write_html(out_dir / "index.html", cfg, summary, table, figures, gt_tables, lm_data)
     log.info("report written to %s", out_dir / "index.html")
     return summary
 
