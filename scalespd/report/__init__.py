@@ -6,6 +6,7 @@ Public API:
   stats.cluster_table, stats.cluster_stats, stats.edge_stats, stats.correlation_stats
   stage.run(cfg, run_dir), stage.build_report(cfg, artifacts, out_dir, ...)
   inputs.load_run(run_dir)                                     read the earlier stages' outputs
+  lm.lm_report(cfg, artifacts, table, out_dir)                 the language-model sections
 
 run_dir/report/summary.json (DESIGN §4 keys first):
   n_components, n_alive, n_dead, n_edges, n_connected_components, n_isolated,
@@ -27,6 +28,18 @@ run_dir/report/summary.json (DESIGN §4 keys first):
   ground_truth_alternative: the same for the spectral stage's second clustering with the other
     always-on setting (spectral/clusters_alternative.csv; present when some alive node is
     always-on under either setting), plus n_always_on.
+  lm (language-model targets: profiles/inputs.zarr holds token_ids; `scalespd.report.lm`):
+    {n_rows, n_sequences, n_distinct_tokens, tokens_decoded, definitions {cluster_activation,
+    tau, top_tokens, min_token_rows, rare_below, frequent_above}, n_non_singleton,
+    n_multi_layer, frac_multi_layer, n_attention_only, n_mlp_only, n_mixed,
+    composition_counts, modules {module: {layer, module_type, C, alive, survival, dead, rare,
+    regular, frequent, median_distinct_tokens, median_token_entropy_bits}}, decomposition
+    {ce/*, kl/*, l0/*, alive/* final metrics}, ablation {n_tested, n_beats_95, frac_beats_95,
+    n_random, tau, seed, n_positions, baseline_kl} (when evaluate/ablation.json exists)}.
 run_dir/report/clusters.json: one record per cluster (largest first): cluster, size, layers,
   layer_span, module_types, modules, composition, members.
+run_dir/report/clusters_lm.json (LMs): one record per non-singleton cluster (largest first): the
+  clusters.json fields plus n_active, frac_active, top_tokens [{token_id, text, mean_activation,
+  n_active, n_rows}], contexts [{row, seq_id, position, token_id, before, token, after,
+  activation}], ablation (its evaluate/ablation.json record or null).
 """

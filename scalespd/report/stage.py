@@ -5,7 +5,8 @@ toy targets against their known mechanisms (the evaluate stage's CI on one-hot i
 ground truth). It only reads files: no model, no torch. When the
 spectral stage also clustered the graph with the other always-on setting
 (spectral/clusters_alternative.csv), both scorings are in the report (the TMS 5-2+ID failure
-case).
+case). For language models (profiles/inputs.zarr holds token ids) it adds what each cluster
+responds to, per-module statistics and the ablation test (`scalespd.report.lm`).
 `build_report` does the work and is what tests drive.
 """
 
@@ -42,8 +43,8 @@ from scalespd.spectral.alternative import describe
 log = logging.getLogger(__name__)
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Write run_dir/report/{summary.json, index.html, clusters.json, *.png}; return a small
-    summary for the manifest."""
+    """Write run_dir/report/{summary.json, index.html, clusters.json, *.png} (and, for language
+    models, clusters_lm.json); return a small summary for the manifest."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     art = load_run(run_dir)
