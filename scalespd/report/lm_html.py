@@ -113,6 +113,13 @@ def _modules(modules: dict[str, dict[str, Any]]) -> str:
     return _table(header, rows)
 
 
+def _beats(a: dict[str, Any]) -> str:
+    """yes / no, or "untested" (no active positions or no random sets: percentile null)."""
+    if a.get("percentile") is None:
+        return "untested"
+    return "yes" if a.get("beats_95") else "no"
+
+
 def _ablation(cfg: RunConfig, ab: dict[str, Any], tested: list[dict[str, Any]]) -> str:
     """The summary line and one row per tested cluster (evaluate/ablation.json records)."""
     head = (f"<p><b>{_e(_ablation_line(ab))}</b> (each cluster's ablation effect on the "
@@ -131,7 +138,7 @@ def _ablation(cfg: RunConfig, ab: dict[str, Any], tested: list[dict[str, Any]]) 
                      *[_num(a.get(k)) for k in ("effect_active", "effect_inactive",
                                                 "specificity", "random_effect_mean",
                                                 "random_effect_p95", "percentile")],
-                     "yes" if a.get("beats_95") else "no"])
+                     _beats(a)])
     return head + _table(header, rows)
 
 
@@ -144,8 +151,7 @@ def _cluster_table(cfg: RunConfig, records: list[dict[str, Any]]) -> str:
                            f"({t['n_active']}/{t['n_rows']})" for t in r.get("top_tokens", []))
         ctxs = "".join(_context(c) for c in r.get("contexts", []))
         a = r.get("ablation")
-        ab = "" if not a else (f"{_num(a.get('percentile'))} pct, "
-                               f"{'beats' if a.get('beats_95') else 'not'} 95%")
+        ab = "" if not a else f"{_num(a.get('percentile'))} pct ({_beats(a)})"
         cells = [_e(r["cluster"]), _e(r["size"]),
                  _e(f"{r['layer_span']}: {_num(r['layers'])}"), _e(r["composition"]),
                  _e(", ".join(f"{k}×{v}" for k, v in r["modules"].items())),

@@ -61,6 +61,11 @@ ABLATION: dict[str, Any] = {
          "n_inactive": 472, "effect_active": 0.02, "effect_inactive": 0.02,
          "specificity": 1.0, "random_effect_mean": 0.05, "random_effect_p95": 0.12,
          "percentile": 30.0, "beats_95": False, "n_random_drawn": 50},
+        # Untested (the producer's record when nothing could be compared): not in n_tested.
+        {"cluster": 1, "size": 2, "layers": {"0": 2}, "n_active": 0, "n_inactive": 512,
+         "effect_active": None, "effect_inactive": 0.01, "specificity": None,
+         "random_effect_mean": None, "random_effect_p95": None, "percentile": None,
+         "beats_95": False, "n_random_drawn": 0},
     ],
     "n_tested": 2, "n_beats_95": 1,
 }

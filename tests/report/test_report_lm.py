@@ -151,10 +151,11 @@ def test_ablation_section_matches_the_json(lm_run):
     assert (ab["n_tested"], ab["n_beats_95"], ab["n_random"]) == (2, 1, 50)
     assert lm_run["info"]["ablation_beats_95"] == "1/2"
     assert lm_run["clusters"][0]["ablation"] == ABLATION["clusters"][0]
-    assert lm_run["clusters"][1]["ablation"] is None
+    assert lm_run["clusters"][1]["ablation"] == ABLATION["clusters"][2]
     page = lm_run["html"]
     assert "1 of 2 clusters beat ≥ 95% of random same-size sets" in page
     assert "42" in page and "Ablation" in page
+    assert "100 pct (yes)" in page and "30 pct (no)" in page and "– pct (untested)" in page
 
 
 def test_html_escapes_tokens_and_stays_offline(lm_run):
