@@ -575,8 +575,20 @@ class ReportConfig(Cfg):
 
 class EvaluateConfig(Cfg):
     """Work on the trained model after clustering, written for the report to read (toys: the
-    causal importances on one-hot inputs and the ground truth)."""
+    causal importances on one-hot inputs and the ground truth; language models: the token
+    strings and the ablation test of the largest clusters, scalespd/evaluate/ablation.py)."""
 
+    ablation_clusters: NonNegInt = 20
+    """Language models: the largest non-singleton clusters put to the ablation test (0: none)."""
+    ablation_random_sets: PosInt = 100
+    """Random sets of alive subcomponents (same size and per-layer mix as the cluster) each
+    cluster is compared with; its percentile among them is reported."""
+    ablation_sequences: PosInt = 64
+    """Held-out sequences the ablation test runs on (the first ones: the profiled tokens)."""
+    ablation_batch: PosInt = 32
+    """Sequences per forward pass of the ablation test (memory: batch x seq_len x vocab)."""
+    seed: Int = 0
+    """Seed of the random sets."""
     onehot_value: PosFloat = ONE_HOT_VALUE
     """Value x_f of the one-hot inputs on which the causal importances are recorded (the SPD
     papers' CI-heatmap convention)."""

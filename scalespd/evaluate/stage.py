@@ -8,7 +8,14 @@ Writes, for toy targets (the ones with a known ground truth):
                        decomposition has (per module: identity or dense pattern, expected alive)
     summary.json       written last, so its presence marks a complete output
 
-For other targets it writes only summary.json (nothing to evaluate yet).
+For language models (target kind hf_causal_lm):
+
+    tokens.json        {"tokens": [decoded text of token id i, for every id of the tokenizer]},
+                       so the report can show tokens and contexts without a tokenizer
+    ablation.json      `scalespd.evaluate.ablation.ablation_test` of the evaluate.ablation_clusters
+                       largest clusters on the first evaluate.ablation_sequences held-out
+                       sequences, against evaluate.ablation_random_sets random sets each
+    summary.json       written last
 """
 
 from __future__ import annotations
@@ -58,5 +65,51 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                        n_components=int(onehot.shape[1]))
         log.info("evaluate: one-hot CI of %d subcomponents on %d features", onehot.shape[1],
                  onehot.shape[0])
+    elif cfg.target.kind == "hf_causal_lm":
+        summary.update(_evaluate_lm(cfg, run_dir, out))
     write_json_atomic(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _evaluate_lm(cfg: RunConfig, run_dir: Path, out: Path) -> dict[str, Any]:
+    """tokens.json and ablation.json of a language-model run; returns summary fields."""
+    import pandas as pd  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from scalespd.evaluate.ablation import ablation_test, column_layout, largest_clusters  # noqa: PLC0415
+    from scalespd.spectral.stage import CLUSTERS_FILE  # noqa: PLC0415
+    from scalespd.targets.io import read_meta  # noqa: PLC0415
+    from scalespd.targets.lm.hf import load_tokenizer  # noqa: PLC0415
+    from scalespd.targets.lm.io import model_source  # noqa: PLC0415
+    from scalespd.train import load_decomposition  # noqa: PLC0415
+    from scalespd.train.lm import load_sequences  # noqa: PLC0415
+
+    target_dir = run_dir / "target"
+    tokenizer = load_tokenizer(model_source(target_dir, read_meta(target_dir)))
+    # Decoded one id at a time: the text a reader sees for that token in a context.
+    tokens = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    write_json_atomic(out / TOKENS_FILE, {"tokens": tokens})
+
+    ecfg = cfg.evaluate
+    table = pd.read_csv(run_dir / "spectral" / CLUSTERS_FILE)
+    clusters = largest_clusters(table, ecfg.ablation_clusters)
+    (out / ABLATION_FILE).unlink(missing_ok=True)
+    if not clusters:
+        log.info("evaluate: no non-singleton cluster to ablate")
+        return {"n_tokens": len(tokens), "ablation": None}
+    column_layer, alive = column_layout(table)
+    ids = load_sequences(target_dir).heldout[: ecfg.ablation_sequences]
+    model = load_decomposition(run_dir)
+    log.info("evaluate: ablating the %d largest clusters on %d sequences of %d tokens, %d "
+             "random sets each", len(clusters), ids.shape[0], ids.shape[1],
+             ecfg.ablation_random_sets)
+    with torch.inference_mode():
+        result = ablation_test(model, ids, list(clusters.values()), column_layer=column_layer,
+                               alive=alive, n_random=ecfg.ablation_random_sets,
+                               tau=cfg.profiles.tau, seed=ecfg.seed,
+                               batch_size=ecfg.ablation_batch, cluster_ids=list(clusters))
+    write_json_atomic(out / ABLATION_FILE, result)
+    log.info("evaluate: %d of %d clusters hurt their active tokens more than 95%% of random "
+             "same-size sets", result["n_beats_95"], result["n_tested"])
+    return {"n_tokens": len(tokens),
+            "ablation": {k: result[k] for k in ("n_tested", "n_beats_95", "n_random")}}
