@@ -34,7 +34,7 @@ run_dir/report/summary.json (DESIGN §4 keys first):
     n_multi_layer, frac_multi_layer, n_attention_only, n_mlp_only, n_mixed,
     composition_counts, modules {module: {layer, module_type, C, alive, survival, dead, rare,
     regular, frequent, median_distinct_tokens, median_token_entropy_bits}}, decomposition
-    {ce/*, kl/*, l0/*, alive/* final metrics}, ablation {n_tested, n_beats_95, frac_beats_95,
+    {ce/*, kl/*, l0/*, alive_data/*, loss/* final metrics}, ablation {n_tested, n_beats_95, frac_beats_95,
     n_random, tau, seed, n_positions, baseline_kl} (when evaluate/ablation.json exists)}.
 run_dir/report/clusters.json: one record per cluster (largest first): cluster, size, layers,
   layer_span, module_types, modules, composition, members.

@@ -29,7 +29,7 @@ from scalespd.report.inputs import ReportInputError
 log = logging.getLogger(__name__)
 
 # Metric families of the decomposition shown in the "Decomposition quality" table.
-METRIC_PREFIXES = ("ce/", "kl/", "l0/", "alive/")
+METRIC_PREFIXES = ("ce/", "kl/", "l0/", "alive_data/", "loss/")
 # Fields of inputs.zarr that make a run an LM run.
 LM_FIELDS = ("token_ids", "seq_ids", "positions")
 

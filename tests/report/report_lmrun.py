@@ -70,7 +70,7 @@ ABLATION: dict[str, Any] = {
     "n_tested": 2, "n_beats_95": 1,
 }
 METRICS = {"ce/target": 2.0, "ce/ci_masked": 2.5, "kl/ci_masked": 0.3,
-           "l0/model.layers.0.mlp.down_proj": 1.5, "alive/model.layers.0.mlp.down_proj": 2,
+           "l0/model.layers.0.mlp.down_proj": 1.5, "alive_data/model.layers.0.mlp.down_proj": 2,
            "mmcs": 0.9}
 
 
