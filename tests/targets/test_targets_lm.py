@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from lm_models import save_model, save_tiny_gpt2, save_tiny_llama, template_docs, template_tokenizer
 from torch import nn
 
 from scalespd.config import HFCausalLMTargetConfig, RunConfig, TargetTrainConfig, parse_config
@@ -51,25 +52,9 @@ from scalespd.targets.lm import (
     preflight,
     sample_batch,
     split_heldout,
-    train_bpe_tokenizer,
     weight_matrix,
 )
 from scalespd.targets.lm.stage import run as run_lm_stage
-
-SUBJECTS = ["the cat", "a dog", "my friend", "the old king", "a small bird", "the teacher"]
-VERBS = ["sees", "likes", "follows", "helps", "finds", "calls"]
-OBJECTS = ["the river", "a red ball", "the queen", "an apple", "the garden", "a letter"]
-TAILS = ["today.", "at night.", "in the morning.", "again and again.", "with joy."]
-
-
-def template_docs(n: int = 240) -> list[str]:
-    """n deterministic two-sentence documents (unit-test text, never the default corpus)."""
-    docs = []
-    for i in range(n):
-        s, v, o, t = (SUBJECTS[i % 6], VERBS[(i // 6) % 6], OBJECTS[(i // 36) % 6],
-                      TAILS[i % 5])
-        docs.append(f"{s.capitalize()} {v} {o} {t} Then {o} {VERBS[(i + 1) % 6]} {s}.")
-    return docs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,32 +83,17 @@ def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tokenizer():  # noqa: ANN201
-    return train_bpe_tokenizer(template_docs(), vocab_size=300, model_max_length=64)
-
-
-def _save(model: nn.Module, tok, path: Path) -> Path:  # noqa: ANN001
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return template_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # noqa: ANN001
-    cfg = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(0)
-    return _save(transformers.LlamaForCausalLM(cfg), tokenizer,
-                 tmp_path_factory.mktemp("llama"))
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), tokenizer)
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # noqa: ANN001
-    cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4,
-                                  n_positions=48, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return _save(transformers.GPT2LMHeadModel(cfg), tokenizer, tmp_path_factory.mktemp("gpt2"))
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), tokenizer)
 
 
 def lm_cfg(**kw: object) -> HFCausalLMTargetConfig:
@@ -346,7 +316,7 @@ def test_errors_name_the_field_before_any_work(tmp_path: Path, text_files: dict[
     # A tokenizer with more tokens than the model's embedding rows.
     small = transformers.LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=16,
                                      num_hidden_layers=1, num_attention_heads=2)
-    small_dir = _save(transformers.LlamaForCausalLM(small), tokenizer, tmp_path / "small")
+    small_dir = save_model(transformers.LlamaForCausalLM(small), tokenizer, tmp_path / "small")
     cases.append(({"path": str(small_dir), "dataset": txt},
                   r"target\.path: the tokenizer has 300 tokens but the model's embedding has "
                   r"only 100 rows"))
