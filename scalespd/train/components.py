@@ -21,7 +21,7 @@ import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,19 @@ class ModuleInfoLike(Protocol):
     def layer(self) -> int: ...
     @property
     def module_type(self) -> str: ...
+
+
+def decomposable_modules(target: nn.Module, target_cfg: Any) -> list[Any]:
+    """ModuleInfo of the target's decomposable modules in forward order: for a language model
+    read from the loaded model itself (the truth, whatever its config says), for a toy from its
+    config."""
+    if getattr(target_cfg, "kind", None) == "hf_causal_lm":
+        from scalespd.targets.lm.modules import lm_modules  # noqa: PLC0415
+
+        return [m.info for m in lm_modules(target)]
+    from scalespd.targets import module_info  # noqa: PLC0415
+
+    return list(module_info(target_cfg))
 
 
 def match_modules(specs: Sequence[tuple[str, int]], paths: Sequence[str]) -> dict[str, int]:

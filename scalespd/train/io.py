@@ -52,8 +52,12 @@ def model_state(model: ComponentModel) -> dict[str, Any]:
 def load_decomposition(run_dir: str | Path, device: str | torch.device = "cpu"):
     """The trained ComponentModel of run_dir (target from run_dir/target, SPD parts from
     run_dir/decompose/final), in eval mode on `device`."""
-    from scalespd.targets import load_target, module_info  # noqa: PLC0415
-    from scalespd.train.components import ComponentModel, match_modules  # noqa: PLC0415
+    from scalespd.targets import load_target  # noqa: PLC0415
+    from scalespd.train.components import (  # noqa: PLC0415
+        ComponentModel,
+        decomposable_modules,
+        match_modules,
+    )
 
     run_dir = Path(run_dir)
     meta = read_final_meta(run_dir)
@@ -66,7 +70,7 @@ def load_decomposition(run_dir: str | Path, device: str | torch.device = "cpu"):
         raise ValueError(f"{final_dir(run_dir) / META_FILE} was trained on a different target "
                          f"than {run_dir / 'target'}; re-run with --force decompose")
     dcfg = DecomposeConfig.model_validate(meta["decompose"])
-    infos = module_info(target_cfg)
+    infos = decomposable_modules(target, target_cfg)
     module_C = match_modules([(m.pattern, m.C) for m in dcfg.modules], [i.path for i in infos])
     model = ComponentModel(target, module_C, infos, dcfg)
     state = torch.load(final_dir(run_dir) / MODEL_FILE, map_location="cpu", weights_only=True)

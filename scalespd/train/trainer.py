@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from scalespd.config import ONE_HOT_VALUE, DecomposeConfig
 from scalespd.schedules import scheduled_lr
-from scalespd.targets import ground_truth, make_dataset, module_info, one_hot_inputs
-from scalespd.train.components import ComponentModel, match_modules
+from scalespd.targets import ground_truth, make_dataset, one_hot_inputs
+from scalespd.train.components import ComponentModel, decomposable_modules, match_modules
 from scalespd.train.lm import LMSequences, ce_kl_metrics
 from scalespd.train.losses import annealed_p, faithfulness_loss, spd_loss
 from scalespd.train.metrics import decomposition_metrics, save_ci_heatmap
@@ -75,7 +75,7 @@ class SPDTrainer:
         self.local_batch = cfg.batch_size // world_size
         self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
 
-        infos = module_info(target_cfg)
+        infos = decomposable_modules(target, target_cfg)
         module_C = match_modules([(m.pattern, m.C) for m in cfg.modules], [i.path for i in infos])
         init_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _STREAM_INIT))
         self.model = ComponentModel(target, module_C, infos, cfg, generator=init_gen)
