@@ -491,6 +491,14 @@ class GraphConfig(Cfg):
     """Rows read (and z-scored) at once; tiles accumulate over row chunks when M is larger."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the correlation tiles are computed: `auto` uses CUDA (CuPy) when available."""
+    correlation: Literal["auto", "dense", "sparse"] = "auto"
+    """How the correlations are computed. "dense": tiled GEMM over all rows (cost 2*M*N^2 flops).
+    "sparse": exact, from co-activations only — two columns never non-zero on the same row have
+    rho <= 0, so every positive edge is a co-active pair; sums over the non-zero entries (sparse
+    X^T X per column tile, frequent columns as sparse x dense products), far cheaper when most
+    columns fire on few rows. It needs non-negative profiles (CI profiles are). Both give the same
+    top-k lists, ties included. "auto": sparse when the profiles are non-negative and the column
+    densities measured in the statistics pass make it the cheaper one, else dense."""
 
     @property
     def use_mutual(self) -> bool:
