@@ -209,6 +209,10 @@ class _PassState:
     reuse: ForwardCache | None = None
     upstream_changed: bool = False
     seen: set[str] = field(default_factory=set)
+    # Leading (position) shape of the forward's input, (B, T) for token ids: a module that sees
+    # its positions flattened (OPT's MLP reads (B * T, d)) is viewed with this shape, so every
+    # module's inputs, CIs and masks share it.
+    positions: torch.Size | None = None
 
 
 def _key(path: str) -> str:
@@ -350,6 +354,12 @@ class ComponentModel(nn.Module):
             if len(args) != 1 or not isinstance(args[0], Tensor):
                 raise RuntimeError(f"decomposed module {path!r} must take one tensor input")
             x = args[0]
+            out_shape = output.shape
+            lead = state.positions
+            if (lead is not None and x.shape[:-1] != lead
+                    and x.shape[:-1].numel() == lead.numel()):
+                x = x.reshape(*lead, x.shape[-1])
+                output = output.reshape(*lead, output.shape[-1])
             if state.cache_inputs is not None:
                 state.cache_inputs[path] = x
             if state.masks is None or path not in state.masks:
@@ -366,7 +376,7 @@ class ComponentModel(nn.Module):
             out = comp.masked_output(inner, output, bias, m.component, m.delta)
             if m.routing is not None:  # positions not routed keep the target's output
                 out = torch.where(m.routing.unsqueeze(-1), out, output)
-            return out
+            return out.reshape(out_shape)
 
         return hook
 
@@ -375,6 +385,7 @@ class ComponentModel(nn.Module):
         # carries hooks bound to another instance, and the plain target stays hook-free.
         handles = [mod.register_forward_hook(self._make_hook(p))
                    for p, mod in self._targets.items()]
+        state.positions = x.shape if self.is_lm else x.shape[:-1]
         self._pass = state
         try:
             return self._call_target(x)

@@ -180,3 +180,38 @@ def test_non_projection_module_is_refused() -> None:
     with pytest.raises(ValueError, match="must be an nn.Linear .or a GPT-2 Conv1D"):
         ComponentModel(target, {"model.norm": 4}, infos, spd_cfg())
     assert isinstance(dict(target.named_modules())["model.norm"], nn.Module)
+
+
+FAMILIES = {  # other decoder-only families: module patterns alone, no special case in the code
+    "GPTNeoXConfig": {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64},
+    "OPTConfig": {"hidden_size": 32, "num_attention_heads": 4, "ffn_dim": 64,
+                  "word_embed_proj_dim": 32},
+    "Qwen2Config": {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "intermediate_size": 48},
+    "PhiConfig": {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64},
+    "BloomConfig": {"hidden_size": 32, "n_head": 4},
+}
+
+
+@pytest.mark.parametrize("config_cls", sorted(FAMILIES))
+def test_other_families_decompose_through_module_patterns(config_cls: str) -> None:
+    import transformers  # noqa: PLC0415
+
+    from scalespd.train.losses import spd_loss  # noqa: PLC0415
+
+    config = getattr(transformers, config_cls)(vocab_size=300, num_hidden_layers=2,
+                                               **FAMILIES[config_cls])
+    torch.manual_seed(0)
+    target = transformers.AutoModelForCausalLM.from_config(config).eval()
+    infos = [m.info for m in lm_modules(target)]
+    assert {i.layer for i in infos} == {0, 1}
+    cfg = spd_cfg(modules=[ModuleSpec(pattern="*", C=6)])
+    model = ComponentModel(target, {i.path: 6 for i in infos}, infos, cfg)
+    x = ids(2, 10)
+    full = {p: Mask(component=torch.ones(2, 10, 6), delta=torch.ones(2, 10))
+            for p in model.module_paths}
+    torch.testing.assert_close(model.forward_masked(x, full), model(x), atol=1e-5, rtol=1e-5)
+    assert all(g.shape == (2, 10, 6) for g in model.causal_importances(x).values())
+    total, terms, _ = spd_loss(model, x, cfg, 0, torch.Generator().manual_seed(0))
+    total.backward()
+    assert torch.isfinite(total) and terms["stochastic_recon_subset"] > 0
