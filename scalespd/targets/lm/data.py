@@ -211,7 +211,7 @@ def load_lm_data(cfg: HFCausalLMTargetConfig, tokenizer: PreTrainedTokenizerBase
                           "least 2 are needed (one to train on, one held out); use more text "
                           "or a shorter target.seq_len")
     train_idx, held_idx = split_heldout(seqs.shape[0], cfg.heldout_fraction, cfg.seed)
-    log.info("[target] %d documents -> %d sequences of %d tokens (%d held out)", n_docs,
+    log.info("LM data: %d documents -> %d sequences of %d tokens (%d held out)", n_docs,
              seqs.shape[0], cfg.seq_len, held_idx.numel())
     return LMData(train=seqs[train_idx], heldout=seqs[held_idx], train_index=train_idx,
                   heldout_index=held_idx, n_tokens=int(seqs.numel()), n_documents=n_docs)

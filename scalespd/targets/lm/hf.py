@@ -140,8 +140,12 @@ def skeleton(config: PretrainedConfig, field: str = "target.path") -> PreTrained
 def load_model(path: str, field: str = "target.path", **kwargs: Any) -> PreTrainedModel:
     """The causal LM with its weights, float32, in eval mode (no dropout)."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     where = resolve_model_path(path, field)
+    # Its "Loading weights" progress bar would interleave with the stage log (and repeat in
+    # every Ray worker); the stage logs what it loads.
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=torch.float32, local_files_only=hub_offline(), **kwargs)
