@@ -3,6 +3,11 @@
 The same plain functions run in this process (the default; NumPy or CuPy) or as Ray tasks
 (`use_ray=True`, one task per column panel for the statistics and one per row block for the
 correlation tiles); both give identical top-k lists because the top-k order is total.
+
+Pass 2 has two exact paths (graph.correlation): the dense tiled GEMM (`topk`) and the sparse
+co-activation products (`sparse`, in this process), chosen from the column densities that
+pass 1 measures. A sparse input (a scipy sparse matrix or a sparse row source,
+`scalespd.graph.sparse_io`) is also read sparse in pass 1.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,18 @@ from scalespd.config import GraphConfig
 from scalespd.graph.knn import components, knn_graph
 from scalespd.graph.panels import panel_bounds, validate_columns, validate_matrix
 from scalespd.graph.source import SourceSpec, describe, peak_rss_mb, ray_source
+from scalespd.graph.sparse import plan_key, sparse_topk
+from scalespd.graph.sparse_io import SparseBlocks, as_row_sliceable, is_sparse_rows
+from scalespd.graph.sparse_plan import (
+    BLOCK_NNZ,
+    SparsePlan,
+    block_rows_for,
+    choose_path,
+    make_plan,
+)
+from scalespd.graph.sparse_stats import sparse_column_stats
 from scalespd.graph.stats import (
+    Moments,
     ZStats,
     check_rows,
     column_stats,
@@ -112,7 +128,7 @@ class GraphResult:
 
 def _ray_panel_task(
     spec: SourceSpec, cols: np.ndarray, n_rows: int, row_chunk: int
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float]:
+) -> tuple[Moments, float]:
     """Pass 1 for one panel: (panel_moments of X[:, cols], this worker's peak RSS in MiB)."""
     return panel_moments(spec.open(), cols, n_rows, row_chunk), peak_rss_mb()
 
@@ -174,9 +190,11 @@ class _Checkpoint:
     file with another key is ignored and replaced."""
 
     def __init__(self, path: Path | None, key: str, n: int, k: int, n_blocks: int,
-                 every_s: float) -> None:
+                 every_s: float, dtype: type = np.float32) -> None:
         self.path, self.key, self.every_s = path, key, every_s
-        self.vals, self.idx = empty_topk(n, k)
+        vals0, idx0 = empty_topk(n, k)
+        self.vals: np.ndarray = vals0.astype(dtype)  # float64 for the sparse path's lists
+        self.idx: np.ndarray = idx0
         self.done = np.zeros(n_blocks, dtype=bool)
         self.last = time.monotonic()
         if path is not None and path.exists():
@@ -234,6 +252,32 @@ def pass2_topk(
     return ck.vals, ck.idx
 
 
+def _sparse_block_rows(X: Any, n_rows: int, row_chunk: int) -> int:
+    """Rows per block for reading a sparse X in pass 1: about BLOCK_NNZ stored entries when its
+    size is known (a scipy matrix), else row_chunk."""
+    nnz = getattr(X, "nnz", None)
+    if not isinstance(nnz, (int, np.integer)):
+        return row_chunk
+    return block_rows_for(np.array([int(nnz)]), n_rows, row_chunk, BLOCK_NNZ)
+
+
+def _sparse_pass2(
+    X: Any, columns: np.ndarray, stats: ZStats, active: np.ndarray, plan: SparsePlan,
+    threshold: float, k: int, row_chunk: int, device: str, checkpoint: Path | None,
+    checkpoint_every_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sparse pass 2 over the non-constant columns `columns` (= cols[active]), resumable
+    from `checkpoint` like the dense one (its key names the sparse path, so a checkpoint of
+    the other path is never mixed in)."""
+    mean, std = stats.mean[active], stats.std[active]
+    key = plan_key(columns, mean, std, plan, threshold, k)
+    ck = _Checkpoint(checkpoint, key, columns.size, k, len(plan.groups), checkpoint_every_s,
+                     dtype=np.float64)
+    return sparse_topk(X, columns, mean, std, plan, threshold, k, row_chunk,
+                       device,  # type: ignore[arg-type]
+                       checkpoint=ck)
+
+
 # --------------------------------------------------------------------------------------------
 # The public entry point
 # --------------------------------------------------------------------------------------------
@@ -252,25 +296,30 @@ def build_graph(
     """The correlation k-NN graph of the columns `columns` of X.
 
     X: (M, N_total) zarr.Array, np.ndarray / np.memmap, scalespd.graph.source.NpyFile or
-    RowSubset (read in (row_chunk, tile_cols) blocks, never whole). columns: (n,) global ids
-    of the alive columns (None: all), in node order. device: "cpu" | "cuda" | "auto" for the
-    tile math. use_ray: run the panels and row blocks as Ray tasks (Ray must already be
-    initialised, e.g. by scalespd.raytools.ensure_ray); the tasks open X themselves from its
-    file or store (`scalespd.graph.source.describe`) and read only their blocks. An X they
-    cannot open by path (an in-memory array) is first written once, streaming, to a chunked
-    zarr array in a temporary directory inside `scratch_dir` (the system temp directory when
-    None), logged and removed at the end. checkpoint: a file where pass 2 saves its merged
-    lists every `checkpoint_every_s` seconds and resumes from (when it belongs to the same
-    inputs); the caller removes it when done.
+    RowSubset (read in (row_chunk, tile_cols) blocks, never whole), or a scipy sparse matrix /
+    sparse row source (`scalespd.graph.sparse_io`; read in sparse row blocks). columns: (n,)
+    global ids of the alive columns (None: all), in node order. device: "cpu" | "cuda" |
+    "auto" for the tile math. use_ray: run the dense path's panels and row blocks as Ray tasks
+    (Ray must already be initialised, e.g. by scalespd.raytools.ensure_ray); the tasks open X
+    themselves from its file or store (`scalespd.graph.source.describe`) and read only their
+    blocks. An X they cannot open by path (an in-memory array) is first written once,
+    streaming, to a chunked zarr array in a temporary directory inside `scratch_dir` (the
+    system temp directory when None), logged and removed at the end. The sparse path and the
+    statistics of a sparse input run in this process. checkpoint: a file where pass 2 saves
+    its merged lists every `checkpoint_every_s` seconds and resumes from (when it belongs to
+    the same inputs and path); the caller removes it when done.
 
     Raises ValueError for a non-2-D or non-numeric X, fewer than 2 rows, an empty / repeated /
-    out-of-range column selection, and NaN or inf values in the selected columns. When k is
-    at least the number of non-constant columns, every node simply keeps all of its candidates
-    (a warning says so; the lists stay (n, k) with -1 padding)."""
+    out-of-range column selection, NaN or inf values in the selected columns, and
+    graph.correlation "sparse" with negative values. When k is at least the number of
+    non-constant columns, every node simply keeps all of its candidates (logged; the lists
+    stay (n, k) with -1 padding)."""
     t0 = time.perf_counter()
     n_rows, n_total = validate_matrix(X)
     cols = validate_columns(columns, n_total)
     check_rows(n_rows)
+    X = as_row_sliceable(X)
+    sparse_input = is_sparse_rows(X)
     dev = resolve_device(device)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if use_ray:
@@ -282,13 +331,22 @@ def build_graph(
     timings: dict[str, float] = {}
 
     # Ray tasks read X through `spec` (None: everything runs in this process); an X they
-    # cannot open by path is converted for the duration of the block. `peaks` collects the
-    # Ray workers' peak RSS (MiB) as each task reports it.
+    # cannot open by path is converted for the duration of the block — only when a Ray pass
+    # needs it (never for a sparse input on the sparse path). `peaks` collects the Ray
+    # workers' peak RSS (MiB) as each task reports it.
     peaks: list[float] = []
-    with ray_source(X, scratch_dir) if use_ray else nullcontext(None) as spec:
-        # Pass 1: column statistics; constant columns are set aside.
-        stats = (_ray_stats(spec, n_rows, cols, cfg, peaks) if spec is not None
-                 else column_stats(X, cols, cfg.tile_cols, cfg.row_chunk))
+    spec: SourceSpec | None = None
+    with ExitStack() as stack:
+        if use_ray and not sparse_input:
+            spec = stack.enter_context(ray_source(X, scratch_dir))
+        # Pass 1: column statistics (and densities); constant columns are set aside.
+        if sparse_input:
+            stats = sparse_column_stats(SparseBlocks(
+                X, cols, _sparse_block_rows(X, n_rows, cfg.row_chunk), cfg.row_chunk))
+        elif spec is not None:
+            stats = _ray_stats(spec, n_rows, cols, cfg, peaks)
+        else:
+            stats = column_stats(X, cols, cfg.tile_cols, cfg.row_chunk)
         timings["stats_s"] = time.perf_counter() - t0
         active = np.flatnonzero(~stats.zero_var)
         n, k = cols.size, cfg.k
@@ -308,18 +366,36 @@ def build_graph(
         log.info("graph: %d columns (%d constant), M = %d, edge threshold %.4f (%s)",
                  n, n - active.size, n_rows, threshold, tinfo["method"])
 
-        # Pass 2: tiled correlation with a running top-k over the non-constant columns.
+        # Which pass 2: dense tiles or sparse co-activation products.
+        plan = None
+        if cfg.correlation != "dense" and active.size > 1:
+            plan = make_plan(stats.nnz[active], n_rows, acc_entries=4 * cfg.tile_cols ** 2,
+                             row_chunk=cfg.row_chunk)
+        min_value = float(stats.min[active].min()) if active.size else 0.0
+        path, cinfo = choose_path(cfg.correlation, active.size, n_rows, min_value, plan,
+                                  cfg.tile_cols)
+        if path == "sparse" and plan is not None:
+            cinfo["plan"] = plan.summary()
+        log.info("graph: pass 2 %s (%s)", path, cinfo["reason"])
+
+        # Pass 2: a running top-k over the non-constant columns.
         t2 = time.perf_counter()
         vals, idx = empty_topk(active.size, k)
         # A threshold of 1 means chance explains even perfect correlations: no candidates.
         if active.size and threshold < 1.0:
-            src = TileSource(
-                X, cols[active], stats.mean[active].astype(np.float32),
-                (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
-                n_rows, cfg.tile_cols, cfg.row_chunk,
-            )
-            vals, idx = pass2_topk(src, k, threshold, dev, spec, checkpoint, checkpoint_every_s,
-                               peaks)
+            if path == "sparse" and plan is not None:
+                vals, idx = _sparse_pass2(X, cols[active], stats, active, plan, threshold, k,
+                                          cfg.row_chunk, dev, checkpoint, checkpoint_every_s)
+            else:
+                if use_ray and spec is None:
+                    spec = stack.enter_context(ray_source(X, scratch_dir))
+                src = TileSource(
+                    X, cols[active], stats.mean[active].astype(np.float32),
+                    (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
+                    n_rows, cfg.tile_cols, cfg.row_chunk,
+                )
+                vals, idx = pass2_topk(src, k, threshold, dev, spec, checkpoint,
+                                       checkpoint_every_s, peaks)
         timings["topk_s"] = time.perf_counter() - t2
 
     # Back to all n nodes: constant columns keep empty lists.
@@ -355,6 +431,8 @@ def build_graph(
                                   zip(size_values, size_counts, strict=True)},
         "device": dev,
         "ray": use_ray,
+        # Which pass 2 ran ("dense" | "sparse"), why, and the sparse plan when it ran.
+        "correlation": {"path": path, **cinfo},
         # Where Ray tasks read the matrix from (None in this process), and the largest peak RSS
         # a Ray worker reported (over its life so far; None without Ray tasks).
         "ray_source": None if spec is None else {

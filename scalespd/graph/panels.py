@@ -2,9 +2,10 @@
 
 Both passes of the graph stage walk X the same way: a *panel* is a block of at most
 `tile_cols` selected columns, read `row_chunk` rows at a time. X is a zarr.Array or a
-scalespd.graph.source.NpyFile (read from disk, never whole; RowSubset of either) or an
-in-memory np.ndarray; either way only one (row_chunk, tile_cols) block per panel is resident
-at once. Ray tasks open X themselves from a scalespd.graph.source.SourceSpec.
+scalespd.graph.source.NpyFile (read from disk, never whole; RowSubset of either), an
+in-memory np.ndarray, or a sparse matrix / sparse row source (scalespd.graph.sparse_io);
+either way only one (row_chunk, tile_cols) block per panel is resident at once. Ray tasks open
+X themselves from a scalespd.graph.source.SourceSpec.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from scalespd.graph.sparse_io import is_sparse_rows, sparse_dense_block
 
 # Read the contiguous column span instead of a point selection when the panel's columns fill at
 # least this fraction of it: a slice decodes each zarr chunk once, a point selection is slower.
@@ -66,7 +69,9 @@ def read_block(X: Any, r0: int, r1: int, cols: np.ndarray) -> np.ndarray:
     Callers z-score the block in place, so it must never be a view of X: a plain slice of a
     float32 C-order NumPy array (or memory map) is one, and writing to it would change the
     caller's matrix or fail on a read-only memory map / Ray object-store array. Only this one
-    block is copied, never X."""
+    block is copied, never X. A sparse X (`scalespd.graph.sparse_io`) gives the block dense."""
+    if is_sparse_rows(X):
+        return np.ascontiguousarray(sparse_dense_block(X, r0, r1, cols), dtype=np.float32)
     order = np.argsort(cols, kind="stable")
     srt = cols[order]
     lo, hi = int(srt[0]), int(srt[-1]) + 1

@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from scalespd.graph.sparse_io import dense_rows
+
 log = logging.getLogger(__name__)
 
 # Chunk shape of a converted in-memory matrix: ~16 MB float32 chunks, whole rows of a tile
@@ -279,7 +281,7 @@ def write_zarr(X: Any, path: Path, row_block: int = _CONVERT_CHUNK[0]) -> Source
     step = max(1, row_block // _CONVERT_CHUNK[0]) * _CONVERT_CHUNK[0]  # whole chunks per write
     for r0 in range(0, M, step):
         r1 = min(r0 + step, M)
-        z[r0:r1] = np.asarray(X[r0:r1], dtype=dtype)
+        z[r0:r1] = np.asarray(dense_rows(X, r0, r1), dtype=dtype)
     return SourceSpec("zarr", str(path), (M, N), str(dtype))
 
 

@@ -4,7 +4,10 @@ Streams X one (row_chunk, tile_cols) block at a time and merges the per-chunk mo
 et al.'s pairwise formula in float64 (`scalespd.profiles.stats.ColumnStats`, the same
 accumulator as the harvest's) (the naive sum-of-squares formula cancels catastrophically
 when |mean| >> std). A panel's statistics depend on nothing else, so panels can run as
-independent (Ray) tasks: `panel_moments` per panel, then `stats_from_moments`.
+independent (Ray) tasks: `panel_moments` per panel, then `stats_from_moments`. The pass also
+counts each column's non-zero values: the densities that choose between the dense and the sparse
+correlation path (`scalespd.graph.sparse`), which computes the same statistics from sparse row
+blocks (`scalespd.graph.sparse_stats`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ ZERO_VAR_RTOL = 1e-6
 # float64 scratch per block while computing moments (rows are processed in slabs this big).
 _SCRATCH_BYTES = 32 << 20
 
+# What one panel's pass yields: (mean, M2, min, max) float64 and nnz int64, each (panel width,).
+Moments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 
 @dataclass(frozen=True)
 class ZStats:
@@ -31,7 +37,8 @@ class ZStats:
     (population std, ddof = 0), derived from the streaming moments of
     `scalespd.profiles.stats.ColumnStats`.
 
-    mean, std, min, max: (n,) float64; zero_var: (n,) bool."""
+    mean, std, min, max: (n,) float64; zero_var: (n,) bool; nnz: (n,) int64 number of rows
+    where the column is non-zero."""
 
     n_rows: int
     mean: np.ndarray
@@ -39,6 +46,7 @@ class ZStats:
     min: np.ndarray
     max: np.ndarray
     zero_var: np.ndarray
+    nnz: np.ndarray
 
     @property
     def max_abs_z(self) -> np.ndarray:
@@ -51,16 +59,16 @@ class ZStats:
         return out
 
 
-def panel_moments(
-    X: Any, cols: np.ndarray, n_rows: int, row_chunk: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, M2, min, max), each (len(cols),) float64, of X[:, cols] over all rows.
+def panel_moments(X: Any, cols: np.ndarray, n_rows: int, row_chunk: int) -> Moments:
+    """(mean, M2, min, max, nnz), each (len(cols),) (float64; nnz int64), of X[:, cols] over all
+    rows.
 
     Raises ValueError naming the first offending global column ids if a value is NaN or inf."""
     w = cols.size
     acc = ColumnStats.empty(w, tau=0.0)  # only its mean and M2 are used here
     lo = np.full(w, np.inf)
     hi = np.full(w, -np.inf)
+    nnz = np.zeros(w, dtype=np.int64)
     slab = max(1, _SCRATCH_BYTES // (8 * w))
     for r0, r1 in row_chunks(n_rows, row_chunk):
         block = read_block(X, r0, r1, cols)  # (r, w) float32
@@ -77,12 +85,11 @@ def panel_moments(
             acc = acc.merge(part)
             np.minimum(lo, block[s0:s0 + slab].min(axis=0), out=lo)
             np.maximum(hi, part.max, out=hi)
-    return acc.mean, acc.m2, lo, hi
+            nnz += np.count_nonzero(block[s0:s0 + slab], axis=0)
+    return acc.mean, acc.m2, lo, hi, nnz
 
 
-def stats_from_moments(
-    n_rows: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-) -> ZStats:
+def stats_from_moments(n_rows: int, parts: list[Moments]) -> ZStats:
     """Assemble ZStats from the per-panel `panel_moments` results, in panel order."""
     mean = np.concatenate([p[0] for p in parts])
     m2 = np.concatenate([p[1] for p in parts])
@@ -95,6 +102,7 @@ def stats_from_moments(
         min=np.concatenate([p[2] for p in parts]),
         max=np.concatenate([p[3] for p in parts]),
         zero_var=zero_var,
+        nnz=np.concatenate([p[4] for p in parts]),
     )
 
 

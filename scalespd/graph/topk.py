@@ -67,11 +67,12 @@ class TileSource:
 def _sort_rows(v: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """First k of each row in total order (value desc, index asc); pads (-inf) get index -1.
 
-    v, i: (r, w) host arrays (w may be < k; the output is padded to width k)."""
+    v, i: (r, w) host arrays (w may be < k; the output is padded to width k). The values keep
+    their dtype (float32 in the dense path, float64 in the sparse one)."""
     r, w = v.shape
     key_i = np.where(i < 0, np.iinfo(np.int64).max, i)
     order = np.lexsort((key_i, -v), axis=1)[:, :k]
-    out_v = np.full((r, k), -np.inf, dtype=np.float32)
+    out_v = np.full((r, k), -np.inf, dtype=v.dtype)
     out_i = np.full((r, k), -1, dtype=np.int64)
     out_v[:, : order.shape[1]] = np.take_along_axis(v, order, axis=1)
     out_i[:, : order.shape[1]] = np.take_along_axis(i, order, axis=1)
@@ -82,7 +83,7 @@ def _sort_rows(v: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
 def topk_rows(v: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of a candidate matrix in total order, sorted best first.
 
-    v: (r, w) float32 values (-inf = no candidate); i: (r, w) int64 node ids. argpartition does
+    v: (r, w) float values (-inf = no candidate); i: (r, w) int64 node ids. argpartition does
     the bulk; rows where the k-th value is shared with a left-out candidate are re-decided by
     index (rare: exact ties)."""
     r, w = v.shape

@@ -1,0 +1,232 @@
+"""Pass 2, sparse: the exact top-k of s_ij = max(0, ρ_ij) from co-activation products.
+
+Why it is exact. For non-negative profiles, ρ_ij = (G_ij / M - μ_i μ_j) / (σ_i σ_j) with
+G_ij = Σ_m x_mi x_mj. If columns i and j are never non-zero on the same row, G_ij = 0 and
+ρ_ij = -μ_i μ_j / (σ_i σ_j) < 0 (a non-constant non-negative column has μ > 0). Candidates need
+ρ > threshold ≥ 0, so every candidate is a co-active pair, and the sums over the non-zero entries
+give every candidate's exact correlation.
+
+How. `sparse_plan` orders the columns densest first and cuts them into tiles; a pass over the
+row blocks (`sparse_io.SparseBlocks`, CSC float32) accumulates each tile's Gram block in float64
+(`_accumulate`), then turns it into correlations and picks each node's top k in the total order
+of the dense path (larger value first, then smaller node id; `topk.topk_rows` / `merge_topk`), so
+the lists are those of the dense path and of brute force up to float32 rounding at exact ties of
+the k-th place. Correlations are formed and compared in float64; the spgemm sums are float32
+within one row block (non-negative terms) and float64 across blocks, the spmm operand is centred
+before its float32 product (as the dense path z-scores), so the values carry at most the dense
+path's float32 error.
+
+Memory: one row block, one pass's accumulators (`acc_entries` float64) and the (n, k) lists;
+never an n × n array. Passes are independent (`group_topk`) and their lists merge in any order;
+an interrupted run resumes from a checkpoint of the merged lists and finished passes.
+
+Devices: the products run with scipy.sparse on NumPy, or with cupyx.scipy.sparse on CuPy when
+`device` is "cuda" (row blocks are read on the host and copied); the selection runs on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from scalespd.backend import Device, array_module, to_numpy
+from scalespd.graph.sparse_io import SparseBlocks
+from scalespd.graph.sparse_plan import SparsePlan, Tile
+from scalespd.graph.topk import merge_topk, topk_rows
+
+log = logging.getLogger(__name__)
+
+# Values per selection slab: a slab of a tile is sorted at once (argpartition's int64 scratch).
+_SLAB_ENTRIES = 1 << 21
+
+
+def sparse_module(device: Device) -> ModuleType:
+    """scipy.sparse on CPU, cupyx.scipy.sparse on CUDA (imported only then)."""
+    if device == "cuda":
+        import cupyx.scipy.sparse as csp  # noqa: PLC0415
+
+        return csp
+    return sp
+
+
+def empty_lists(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) float64 values (-inf) and int64 ids (-1): lists with no neighbours yet."""
+    return np.full((n, k), -np.inf), np.full((n, k), -1, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Gram blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _accumulate(tile: Tile, offset: int, B: Any, mean32: Any, acc: Any, ysum: Any,
+                xp: ModuleType) -> None:
+    """Add one row block's share of the tile's Gram block to `acc`.
+
+    B: (r, n - offset) CSC float32 block of positions offset.. (xsp matrix). acc: (n - start,
+    width) float64, rows = partner positions start.., columns = tile positions. spgemm adds
+    Σ x_q x_p; spmm adds Σ x_q (x_p - mean_p) and, into ysum (width,), Σ (x_p - mean_p).
+    mean32: (n,) float32 means by position."""
+    s, e = tile.start - offset, tile.stop - offset
+    partners_t = B[:, s:].T  # (n - start, r) CSR: partner q's non-zero rows
+    if tile.kernel == "spmm":
+        # Centred so the float32 sums stay small (they cancel catastrophically otherwise for
+        # always-on columns with mean >> std), as the dense path z-scores before its GEMM.
+        y = B[:, s:e].toarray()
+        y -= mean32[tile.start:tile.stop]
+        acc += partners_t @ y
+        ysum += y.sum(axis=0, dtype=np.float64)
+    else:
+        prod = (partners_t @ B[:, s:e].tocsr()).tocoo()
+        # A product of canonical matrices holds each (q, p) at most once, so this fancy
+        # in-place add does not drop repeated indices.
+        acc[prod.row, prod.col] += prod.data
+
+
+def _to_correlation(tile: Tile, acc: Any, ysum: Any, mean: Any, std: Any, n_rows: int,
+                    xp: ModuleType) -> None:
+    """Turn the tile's Gram block into correlations in place, row slab by row slab.
+
+    mean, std: (n,) float64 by position. spgemm: ρ = (G - M μ_q μ_p) / (M σ_q σ_p);
+    spmm: ρ = (G - μ_q Σ(x_p - μ_p)) / (M σ_q σ_p) (the second term removes the rounding left in
+    Σ(x_p - μ_p), which is 0 in exact arithmetic)."""
+    s, e = tile.start, tile.stop
+    w, t = acc.shape
+    mp, sp_ = mean[s:e], std[s:e] * n_rows
+    shift = ysum if tile.kernel == "spmm" else mp * n_rows
+    step = max(1, _SLAB_ENTRIES // t)
+    for a0 in range(0, w, step):
+        a1 = min(a0 + step, w)
+        rows = acc[a0:a1]
+        rows -= mean[s + a0:s + a1, None] * shift[None, :]
+        rows /= std[s + a0:s + a1, None] * sp_[None, :]
+
+
+def _tile_lists(tile: Tile, rho: np.ndarray, ids: np.ndarray, threshold: float, k: int
+                ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Top-k candidates a tile contributes, from its (n - start, width) correlations.
+
+    ids: (n - start,) local node ids of positions start... Each unordered pair enters once: in
+    the tile's own square only partner q > column p is kept, and that one number serves both
+    nodes. Returns ((n - start, k) lists of the partners, (width, k) lists of the tile columns),
+    values float64, ids int64."""
+    w, t = rho.shape
+    for r in range(t):  # the square: keep q > p only (also drops the diagonal)
+        rho[r, r:] = -np.inf
+    rho[rho <= threshold] = -np.inf  # the candidate rule of the dense path: ρ > threshold
+    tile_ids = ids[:t]
+    step = max(1, _SLAB_ENTRIES // t)
+    part_v, part_i = [], []
+    for a0 in range(0, w, step):
+        blk = rho[a0:a0 + step]
+        v, i = topk_rows(blk, np.broadcast_to(tile_ids, blk.shape), k)
+        part_v.append(v)
+        part_i.append(i)
+    step = max(1, _SLAB_ENTRIES // w)
+    own_v, own_i = [], []
+    for c0 in range(0, t, step):
+        blk = np.ascontiguousarray(rho[:, c0:c0 + step].T)
+        v, i = topk_rows(blk, np.broadcast_to(ids, blk.shape), k)
+        own_v.append(v)
+        own_i.append(i)
+    return ((np.concatenate(part_v), np.concatenate(part_i)),
+            (np.concatenate(own_v), np.concatenate(own_i)))
+
+
+# --------------------------------------------------------------------------------------------
+# One pass
+# --------------------------------------------------------------------------------------------
+
+
+def group_topk(
+    X: Any, columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan, g: int,
+    threshold: float, k: int, piece_rows: int, device: Device = "cpu",
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Pass g of `plan`: (p0, (n - p0, k) float64 values, int64 local ids) — partial top-k
+    lists of positions p0.. (p0 = the pass's first tile start).
+
+    X: (M, N_total) any source of `sparse_io`. columns: (n,) global ids of the non-constant
+    columns in local order; mean, std: (n,) float64 in local order."""
+    xp = array_module(device)
+    xsp = sparse_module(device)
+    tiles = plan.group_tiles(g)
+    p0 = tiles[0].start
+    n = plan.order.size
+    pos_mean = mean[plan.order]
+    pos_std = std[plan.order]
+    mean32 = xp.asarray(pos_mean.astype(np.float32))
+    accs = [xp.zeros((n - t.start, t.width)) for t in tiles]
+    ysums = [xp.zeros(t.width) for t in tiles]
+    blocks = SparseBlocks(X, columns[plan.order[p0:]], plan.block_rows, piece_rows)
+    for _, _, B in blocks:
+        Bd = B if xsp is sp else xsp.csc_matrix(B)
+        for tile, acc, ysum in zip(tiles, accs, ysums, strict=True):
+            _accumulate(tile, p0, Bd, mean32, acc, ysum, xp)
+        del Bd
+    vals, ids = empty_lists(n - p0, k)
+    dev_mean, dev_std = xp.asarray(pos_mean), xp.asarray(pos_std)
+    for tile, acc, ysum in zip(tiles, accs, ysums, strict=True):
+        _to_correlation(tile, acc, ysum, dev_mean, dev_std, blocks.n_rows, xp)
+        rho = to_numpy(acc)
+        (pv, pi), (ov, oi) = _tile_lists(tile, rho, plan.order[tile.start:], threshold, k)
+        a = tile.start - p0
+        vals[a:], ids[a:] = merge_topk(vals[a:], ids[a:], pv, pi, k)
+        b = a + tile.width
+        vals[a:b], ids[a:b] = merge_topk(vals[a:b], ids[a:b], ov, oi, k)
+    return p0, vals, ids
+
+
+# --------------------------------------------------------------------------------------------
+# All passes, resumable
+# --------------------------------------------------------------------------------------------
+
+
+def plan_key(columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan,
+             threshold: float, k: int) -> str:
+    """Identity of the inputs of a sparse pass 2, for its checkpoint."""
+    h = hashlib.sha256(b"sparse")
+    for arr in (columns, mean, std, plan.order):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(repr((plan.tiles, plan.groups, plan.block_rows, float(threshold), k)).encode())
+    return h.hexdigest()
+
+
+def sparse_topk(
+    X: Any, columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan,
+    threshold: float, k: int, piece_rows: int, device: Device = "cpu",
+    checkpoint: Any | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) float64 values and int64 local ids of the top-k lists of the n non-constant
+    columns `columns` (local order), best first (-inf / -1 padding), from every pass of `plan`.
+
+    checkpoint: an object like `scalespd.graph.build._Checkpoint` (vals / idx by position,
+    done per pass, block_done(g)) or None."""
+    n = columns.size
+    ck = checkpoint if checkpoint is not None else _Lists(n, k, len(plan.groups))
+    for g in range(len(plan.groups)):
+        if ck.done[g]:
+            continue
+        p0, v, i = group_topk(X, columns, mean, std, plan, g, threshold, k, piece_rows, device)
+        ck.vals[p0:], ck.idx[p0:] = merge_topk(ck.vals[p0:], ck.idx[p0:], v, i, k)
+        ck.block_done(g)
+        log.debug("graph: sparse pass %d/%d merged", g + 1, len(plan.groups))
+    # Back from positions to local order.
+    vals, idx = empty_lists(n, k)
+    vals[plan.order], idx[plan.order] = ck.vals, ck.idx
+    return vals, idx
+
+
+class _Lists:
+    """The merged lists without a checkpoint file."""
+
+    def __init__(self, n: int, k: int, n_groups: int) -> None:
+        self.vals, self.idx = empty_lists(n, k)
+        self.done = np.zeros(n_groups, dtype=bool)
+
+    def block_done(self, g: int) -> None:
+        self.done[g] = True
