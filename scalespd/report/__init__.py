@@ -33,9 +33,10 @@ run_dir/report/summary.json (DESIGN §4 keys first):
     tau, top_tokens, min_token_rows, rare_below, frequent_above}, n_non_singleton,
     n_multi_layer, frac_multi_layer, n_attention_only, n_mlp_only, n_mixed,
     composition_counts, modules {module: {layer, module_type, C, alive, survival, dead, rare,
-    regular, frequent, median_distinct_tokens, median_token_entropy_bits}}, decomposition
-    {ce/*, kl/*, l0/*, alive_data/*, loss/* final metrics}, ablation {n_tested, n_beats_95, frac_beats_95,
-    n_random, tau, seed, n_positions, baseline_kl} (when evaluate/ablation.json exists)}.
+    regular, frequent, l0, median_distinct_tokens, median_token_entropy_bits}}, decomposition
+    {ce/*, kl/*, loss/* final metrics, l0/total, alive_data/total}, ablation {n_tested,
+    n_beats_95, frac_beats_95, n_random, tau, seed, n_positions, baseline_kl} (when
+    evaluate/ablation.json exists)}.
 run_dir/report/clusters.json: one record per cluster (largest first): cluster, size, layers,
   layer_span, module_types, modules, composition, members.
 run_dir/report/clusters_lm.json (LMs): one record per non-singleton cluster (largest first): the

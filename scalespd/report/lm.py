@@ -89,8 +89,8 @@ def lm_report(cfg: RunConfig, art: RunArtifacts, table: list[dict[str, Any]], ou
                         "top_tokens": TOP_TOKENS, "min_token_rows": MIN_TOKEN_ROWS,
                         "rare_below": RARE_BELOW, "frequent_above": FREQUENT_ABOVE},
         **_span_and_composition(multi),
-        "modules": _module_stats(art, scan, len(lm.token_ids)),
-        "decomposition": lm.metrics,
+        "modules": _module_stats(art, scan, len(lm.token_ids), lm.metrics),
+        "decomposition": _model_metrics(lm.metrics),
     }
     if lm.ablation is not None:
         summary["ablation"] = _ablation_summary(lm.ablation)
@@ -161,10 +161,33 @@ def context_window(lm: LMInputs, row: int) -> dict[str, Any]:
             "after": text[at + 1:]}
 
 
-def _module_stats(art: RunArtifacts, scan: TokenScan | None, n_rows: int
-                  ) -> dict[str, dict[str, Any]]:
+# Per-module metric families of the decomposition (`<family>/<module path>`): shown in the
+# module table, summed into `<family>/total` in the model-level table.
+PER_MODULE_METRICS = ("l0", "alive_data")
+
+
+def _model_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The decomposition's model-level metrics: ce/*, kl/*, loss/* as they are, and the
+    per-module families summed (`l0/total`: subcomponents with CI > tau per token)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        family, _, rest = k.partition("/")
+        if family not in PER_MODULE_METRICS:
+            out[k] = v
+    for family in PER_MODULE_METRICS:
+        vals = [v for k, v in metrics.items() if k.startswith(f"{family}/")
+                and k != f"{family}/total" and isinstance(v, int | float)]
+        if vals:
+            out[f"{family}/total"] = float(sum(vals))
+    return out
+
+
+def _module_stats(art: RunArtifacts, scan: TokenScan | None, n_rows: int,
+                  metrics: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Per decomposed module (components.csv order): C, alive, survival, dead / rare / regular /
-    frequent counts and the median token diversity of its alive subcomponents."""
+    frequent counts, the median token diversity of its alive subcomponents and, from the
+    decomposition's metrics, its CI-L0 per token (`l0`) on the evaluation batch."""
+    metrics = metrics or {}
     comps = art.components
     modules = comps["module"].astype(str).to_numpy()
     alive_module = modules[art.alive_ids]
@@ -180,6 +203,7 @@ def _module_stats(art: RunArtifacts, scan: TokenScan | None, n_rows: int
             "layer": int(comps["layer"].to_numpy()[in_module][0]),
             "module_type": str(comps["module_type"].to_numpy()[in_module][0]),
             "C": C, "alive": n_alive, "survival": n_alive / C, "dead": C - n_alive,
+            "l0": metrics.get(f"l0/{module}"),
         }
         if scan is not None:
             sel = alive_module == module

@@ -105,9 +105,11 @@ def _metrics(metrics: dict[str, Any]) -> str:
 
 def _modules(modules: dict[str, dict[str, Any]]) -> str:
     header = ["module", "layer", "type", "C", "alive", "survival", "dead", "rare", "regular",
-              "frequent", "median distinct tokens", "median token entropy (bits)"]
+              "frequent", "CI-L0 per token", "median distinct tokens",
+              "median token entropy (bits)"]
     rows = [[m, r["layer"], r["module_type"], r["C"], r["alive"], _pct(r["survival"]), r["dead"],
-             *[_num(r.get(k)) for k in ("rare", "regular", "frequent", "median_distinct_tokens",
+             *[_num(r.get(k)) for k in ("rare", "regular", "frequent", "l0",
+                                        "median_distinct_tokens",
                                         "median_token_entropy_bits")]]
             for m, r in modules.items()]
     return _table(header, rows)

@@ -127,7 +127,11 @@ def test_span_composition_and_summary(lm_run):
     assert (c[1]["layer_span"], c[1]["composition"]) == (1, "attention-only")
     assert c[1]["modules"] == {MODULES[0][0]: 2}
     assert s["n_rows"] == len(lm_run["data"]["token_ids"]) and s["n_sequences"] == 40
-    assert s["decomposition"] == {k: v for k, v in METRICS.items() if k != "mmcs"}
+    # Model-level metrics as they are; per-module families summed, and shown per module.
+    assert s["decomposition"] == {
+        **{k: v for k, v in METRICS.items() if k.startswith(("ce/", "kl/"))},
+        "l0/total": 1.5, "alive_data/total": 2.0}
+    assert s["modules"]["model.layers.0.mlp.down_proj"]["l0"] == 1.5
 
 
 def test_module_statistics(lm_run):
