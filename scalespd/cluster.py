@@ -1,7 +1,11 @@
 """`python -m scalespd.cluster PROFILES --out DIR`: cluster profiles a user already has.
 
-PROFILES is an (M, N) matrix — rows are inputs, columns subcomponents — as a `.npy` file, a zarr
-array, or a scalespd profiles directory (holding `ci.zarr`). The command runs the alive filter
+PROFILES is an (M, N) matrix — rows are inputs, columns subcomponents — as a `.npy` file, a
+scipy sparse `.npz` file (`scipy.sparse.save_npz`), a zarr array, or a scalespd profiles
+directory (holding `ci.zarr`). A sparse `.npz` is loaded whole in its sparse form (about 8–12
+bytes per stored entry) and read in sparse row blocks throughout; its correlations take the
+sparse co-activation path when that is the cheaper one (graph.correlation: auto, see
+`scalespd.graph.sparse`). The command runs the alive filter
 (max over rows > tau, streamed over row chunks), the correlation k-NN graph
 (`scalespd.graph.build_graph`), spectral clustering (`scalespd.spectral`) and a summary, and
 writes into DIR:
@@ -18,7 +22,8 @@ writes into DIR:
     graph/           the k-NN graph (scalespd.graph.GraphResult.save)
     .scalespd-cluster.json   the record of every file above (written last)
 
-The input is only read, never written, and never whole: a `.npy` file is read block by block
+The input is only read, never written, and never whole (a sparse `.npz` excepted, in its sparse
+form): a `.npy` file is read block by block
 through read-only mappings that last one read each (`scalespd.graph.source.NpyFile`), so its
 pages do not pile up in the resident set. With Ray, tasks get a small descriptor of PROFILES
 (path, kind, shape, dtype, row subset) and read their own column tiles from the file or zarr
@@ -59,6 +64,7 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
@@ -67,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import psutil
+import scipy.sparse as sp
 from pydantic import ValidationError
 
 from scalespd.config import GraphConfig, ProfilesConfig, SpectralConfig
@@ -78,6 +85,9 @@ from scalespd.errors import (
     storage_error,
 )
 from scalespd.graph.source import NpyFile, RowSubset, peak_rss_mb
+from scalespd.graph.sparse_io import SparseBlocks, as_row_sliceable, is_sparse_rows
+from scalespd.graph.sparse_plan import BLOCK_NNZ, block_rows_for
+from scalespd.graph.sparse_stats import block_moments, entry_columns
 from scalespd.jsonio import write_json_atomic
 
 if TYPE_CHECKING:
@@ -186,15 +196,32 @@ def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str
     return RowSubset(arr, ranges), info
 
 
+def open_sparse(path: Path) -> sp.csr_matrix:
+    """The scipy sparse matrix saved at `path` (scipy.sparse.save_npz), in CSR form so that its
+    row blocks are cheap slices."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(f"PROFILES {path} is empty (0 bytes); expected a sparse matrix written "
+                         "by scipy.sparse.save_npz")
+    try:
+        X = sp.load_npz(path)
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise InputError(f"PROFILES {path} is not a sparse matrix saved by "
+                         f"scipy.sparse.save_npz ({err})") from None
+    return sp.csr_matrix(as_row_sliceable(X))
+
+
 def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str, Any] | None]:
-    """The (M, N) profile matrix at `path`: .npy (an NpyFile, read-only), a zarr array, or a
-    profiles directory holding ci.zarr; never read whole. The second value is None, or the
-    record of the finished row blocks of an unfinished harvest (see `open_harvest`)."""
+    """The (M, N) profile matrix at `path`: .npy (an NpyFile, read-only), a scipy sparse .npz
+    (loaded whole as CSR), a zarr array, or a profiles directory holding ci.zarr; a dense one is
+    never read whole. The second value is None, or the record of the finished row blocks of an
+    unfinished harvest (see `open_harvest`)."""
     partial = None
-    X: NpyFile | RowSubset | zarr.Array
+    X: NpyFile | RowSubset | zarr.Array | sp.csr_matrix
     if not path.exists():
         raise InputError(f"PROFILES {path} does not exist")
-    if path.suffix == ".npy":
+    if path.suffix == ".npz":
+        X = open_sparse(path)
+    elif path.suffix == ".npy":
         if path.is_file() and path.stat().st_size == 0:
             raise InputError(f"PROFILES {path} is empty (0 bytes); expected an array written "
                              "by np.save")
@@ -281,6 +308,8 @@ def column_stats(X: Any, tau: float, source: str) -> pd.DataFrame:
     comparison per value on the block that is read anyway. Rows are numbered in the source."""
     from scalespd.profiles import ColumnStats  # noqa: PLC0415
 
+    if is_sparse_rows(X):
+        return _sparse_column_stats(X, tau, source)
     M, N = (int(s) for s in X.shape)
     # Whole zarr row chunks per read; an unchunked array (.npy) has no such constraint (a
     # default of M rows here once read a whole .npy as float64 at once).
@@ -310,6 +339,42 @@ def column_stats(X: Any, tau: float, source: str) -> pd.DataFrame:
         total = total.merge(ColumnStats.of(block, tau))
     return pd.DataFrame({"max": total.max, "mean": total.mean, "std": total.std,
                          "frac_active": total.frac_active, "alive": total.max > tau})
+
+
+def _sparse_column_stats(X: Any, tau: float, source: str) -> pd.DataFrame:
+    """`column_stats` of a sparse X: the same frame and the same checks, from sparse row blocks
+    of about BLOCK_NNZ stored entries (time and memory follow the stored entries, not M·N)."""
+    from scalespd.profiles import ColumnStats  # noqa: PLC0415
+
+    M, N = (int(s) for s in X.shape)
+    rows = block_rows_for(np.array([int(getattr(X, "nnz", M))]), M, 1, BLOCK_NNZ)
+    total = ColumnStats.empty(N, tau)
+    for r0, _, B in SparseBlocks(X, np.arange(N), rows, rows):
+        _check_sparse_block(B, r0, source)
+        part, _, _ = block_moments(B, tau)
+        total = total.merge(part)
+    return pd.DataFrame({"max": total.max, "mean": total.mean, "std": total.std,
+                         "frac_active": total.frac_active, "alive": total.max > tau})
+
+
+def _check_sparse_block(B: Any, r0: int, source: str) -> None:
+    """The checks of `column_stats` on a sparse (r, N) CSC block of rows r0..: the first (in
+    row-major order) NaN / inf, else the first negative value, is an InputError."""
+    data = B.data[: B.indptr[-1]]
+    finite = np.isfinite(data)
+    bad = ~finite if not finite.all() else data < 0
+    if not bad.any():
+        return
+    rows, cols = B.indices[bad], entry_columns(B)[bad]
+    first = np.lexsort((cols, rows))[0]
+    i, j, value = int(rows[first]) + r0, int(cols[first]), float(data[bad][first])
+    if not finite.all():
+        raise InputError(f"PROFILES {source} holds NaN or inf (first at row {i}, column {j}: "
+                         f"{value}); profiles must be finite")
+    raise InputError(
+        f"PROFILES {source} holds a negative value (first at row {i}, column {j}: {value:.6g}); "
+        "profiles must be non-negative (causal importances lie in [0, 1]; pass absolute values "
+        "for signed activations)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +558,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "mechanisms: alive filter -> correlation k-NN graph -> spectral clustering.",
     )
     p.add_argument("profiles", type=Path,
-                   help="(M, N) matrix: .npy file, zarr array, or a profiles dir with ci.zarr")
+                   help="(M, N) matrix: .npy file, scipy sparse .npz (scipy.sparse.save_npz), "
+                        "zarr array, or a profiles dir with ci.zarr")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--components", type=Path,
                    help="CSV with name,layer,module (optional module_type) per column")
@@ -668,6 +734,8 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
             **csum,
             "n_always_on": result.info["n_always_on"],
             "edge_threshold": float(graph.threshold),
+            # How the correlations were computed: "dense" tiles or "sparse" co-activations.
+            "correlation": graph.summary["correlation"]["path"],
             "params": {"tau": args.tau, "k": gcfg.k, "edge_threshold": gcfg.edge_threshold,
                        "k_max": scfg.k_max, "mode": scfg.mode, "seed": scfg.seed,
                        "always_on_fraction": scfg.always_on_fraction,

@@ -373,7 +373,7 @@ def build_graph(
                              row_chunk=cfg.row_chunk)
         min_value = float(stats.min[active].min()) if active.size else 0.0
         path, cinfo = choose_path(cfg.correlation, active.size, n_rows, min_value, plan,
-                                  cfg.tile_cols)
+                                  cfg.tile_cols, sparse_input)
         if path == "sparse" and plan is not None:
             cinfo["plan"] = plan.summary()
         log.info("graph: pass 2 %s (%s)", path, cinfo["reason"])

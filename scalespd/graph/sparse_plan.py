@@ -44,8 +44,9 @@ CALL_S = 2e-4        # fixed cost per (tile, row block) product
 # Default budgets (see module docstring).
 BLOCK_NNZ = 8 << 20
 DENSE_BYTES = 64 << 20
-# Auto picks sparse only when the model says it is at least this many times cheaper: the
-# estimates are rough, and the dense path is the reference.
+# Auto leaves the path that matches how X is stored (dense tiles for a dense X, sparse products
+# for a sparse one) only when the model says the other is at least this many times cheaper: the
+# estimates are rough, and the dense path would have to densify a sparse X block by block.
 AUTO_MARGIN = 2.0
 
 
@@ -169,12 +170,12 @@ def dense_estimate_s(n: int, n_rows: int, tile_cols: int) -> float:
 
 def choose_path(
     setting: str, n: int, n_rows: int, min_value: float, plan: SparsePlan | None,
-    tile_cols: int,
+    tile_cols: int, sparse_input: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """("dense" | "sparse", a JSON-able record of why) for graph.correlation = `setting`.
 
     n: non-constant columns; min_value: their smallest value (the sparse path needs ≥ 0);
-    plan: the sparse plan (None when it was not made)."""
+    plan: the sparse plan (None when it was not made); sparse_input: X is stored sparse."""
     dense_s = dense_estimate_s(n, n_rows, tile_cols)
     info: dict[str, Any] = {"setting": setting, "dense_estimate_s": round(dense_s, 3),
                             "sparse_estimate_s": None if plan is None
@@ -190,6 +191,14 @@ def choose_path(
         return "dense", {**info, "reason": "negative values (the sparse path needs x >= 0)"}
     if setting == "sparse":
         return "sparse", {**info, "reason": "graph.correlation: sparse"}
-    if plan is not None and plan.estimate_s * AUTO_MARGIN < dense_s:
+    if plan is None:
+        return "dense", {**info, "reason": "fewer than 2 non-constant columns"}
+    if sparse_input:
+        if dense_s * AUTO_MARGIN < plan.estimate_s:
+            return "dense", {**info, "reason": f"sparse input, but dense modelled >= "
+                                               f"{AUTO_MARGIN:g}x cheaper"}
+        return "sparse", {**info, "reason": f"sparse input, dense not modelled >= "
+                                            f"{AUTO_MARGIN:g}x cheaper"}
+    if plan.estimate_s * AUTO_MARGIN < dense_s:
         return "sparse", {**info, "reason": f"modelled >= {AUTO_MARGIN:g}x cheaper than dense"}
     return "dense", {**info, "reason": f"sparse not modelled >= {AUTO_MARGIN:g}x cheaper"}

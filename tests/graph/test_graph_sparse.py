@@ -19,7 +19,13 @@ from scalespd.graph import GraphResult, build_graph
 from scalespd.graph.panels import read_block
 from scalespd.graph.sparse import sparse_topk
 from scalespd.graph.sparse_io import SparseBlocks
-from scalespd.graph.sparse_plan import crossover_density, make_plan
+from scalespd.graph.sparse_plan import (
+    SparsePlan,
+    choose_path,
+    crossover_density,
+    dense_estimate_s,
+    make_plan,
+)
 from scalespd.graph.sparse_stats import sparse_column_stats
 from scalespd.graph.stats import column_stats
 
@@ -208,17 +214,38 @@ def test_negative_values_refused_by_sparse_and_sent_to_dense_by_auto() -> None:
 
 
 def test_auto_picks_sparse_for_sparse_profiles_and_dense_for_dense_ones() -> None:
+    """The modelled costs decide; a sparse input stays sparse unless dense is clearly cheaper."""
     sparse_X = lm_like_profiles(n_rows=20000, n_cols=400, rates=(0.0005, 0.02), seed=9)
-    res = build_graph(sp.csr_matrix(sparse_X), _cfg("auto", tile_cols=128))
+    res = build_graph(sparse_X, _cfg("auto", tile_cols=128))  # stored dense, used sparse
     info = res.summary["correlation"]
     assert info["path"] == "sparse", info
     assert info["sparse_estimate_s"] * 2 < info["dense_estimate_s"]
     assert info["plan"]["spmm_columns"] >= 4  # hubs + always-on
     rng = np.random.default_rng(0)
     dense_X = rng.random((3000, 300), dtype=np.float32)  # non-negative but never zero
-    info = build_graph(dense_X, _cfg("auto", tile_cols=128)).summary["correlation"]
-    assert info["path"] == "dense", info
-    assert info["sparse_estimate_s"] > info["dense_estimate_s"]
+    for src in (dense_X, sp.csr_matrix(dense_X)):
+        info = build_graph(src, _cfg("auto", tile_cols=128)).summary["correlation"]
+        assert info["path"] == "dense", info
+        assert info["sparse_estimate_s"] > 2 * info["dense_estimate_s"]
+
+
+
+def test_auto_leaves_the_storage_path_only_for_a_clear_gain() -> None:
+    n, m, tile = 300, 5000, 128
+    dense_s = dense_estimate_s(n, m, tile)
+
+    def path(ratio: float, sparse_input: bool) -> str:
+        plan = SparsePlan(np.arange(n), (), (), m, dense_s * ratio)
+        return choose_path("auto", n, m, 0.0, plan, tile, sparse_input)[0]
+
+    assert [path(r, False) for r in (0.3, 0.7, 1.5, 3.0)] == ["sparse", "dense", "dense",
+                                                               "dense"]
+    assert [path(r, True) for r in (0.3, 0.7, 1.5, 3.0)] == ["sparse", "sparse", "sparse",
+                                                              "dense"]
+    plan = SparsePlan(np.arange(n), (), (), m, 0.0)
+    assert choose_path("dense", n, m, 0.0, plan, tile)[0] == "dense"
+    assert choose_path("auto", n, m, -1.0, plan, tile, True)[0] == "dense"
+    assert choose_path("auto", 1, m, 0.0, None, tile, True)[0] == "dense"
 
 
 def test_sparse_inputs_are_read_dense_where_dense_blocks_are_needed() -> None:
