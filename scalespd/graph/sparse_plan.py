@@ -8,9 +8,10 @@ partners q ≥ s and its own columns p, so both directions of an edge come from 
 Kernels. The Gram block of a tile is a sum over row blocks B of one of two products:
 
     spgemm   B[:, s:]ᵀ · B[:, s:e]           sparse × sparse: one multiply-add per co-activation
-                                             (row where both columns are non-zero), ~6 ns each
+                                             (row where both columns are non-zero), ~8 ns each
+                                             with adding the product into the accumulator
     spmm     B[:, s:]ᵀ · (dense B[:, s:e] - mean)   sparse × dense: one multiply-add per stored
-                                             entry of a partner per tile column, ~0.2 ns each
+                                             entry of a partner per tile column, ~0.25 ns each
 
 A column of density d costs about d · (row non-zeros) co-activations in spgemm and about
 (row non-zeros) · 1 in spmm, so spmm is cheaper for columns denser than ~ SPMM_NS / SPGEMM_NS
@@ -32,18 +33,24 @@ from typing import Any, Literal
 
 import numpy as np
 
-# Seconds per unit of work, measured on the development machine (see module docstring).
-SPGEMM_NS = 6.0      # per co-activation multiply-add of scipy's sparse x sparse product
-SPMM_NS = 0.2        # per multiply-add of sparse x dense (float32)
-ENTRY_NS = 12.0      # per accumulator entry added from a sparse product / selected from a tile
+# Nanoseconds per unit of work, measured on the development machine (see module docstring).
+SPGEMM_NS = 8.0      # per co-activation multiply-add of scipy's sparse x sparse product, added
+SPMM_NS = 0.3        # per multiply-add of sparse x dense (float32, 64 wide), slicing included
+ENTRY_NS = 12.0      # per accumulator value turned into a correlation and selected from
 READ_NS = 25.0       # per stored entry read, sliced and converted per pass
 DENSE_NS = 0.03      # per multiply-add of the dense path's float32 GEMM tiles (0.7 of peak)
 DENSE_READ_NS = 1.5  # per value the dense path reads and z-scores (once per tile pair)
 CALL_S = 2e-4        # fixed cost per (tile, row block) product
 
-# Default budgets (see module docstring).
+# Default budgets (see module docstring). An spmm tile is at most SPMM_WIDTH wide: the product
+# scatters into (partners, width) float32 rows, which stay in cache when narrow (0.2 ns per
+# multiply-add at 64 columns, 0.4 ns at 341 on the development machine).
 BLOCK_NNZ = 8 << 20
 DENSE_BYTES = 64 << 20
+SPMM_WIDTH = 64
+# An spgemm tile's product covers its whole own square, twice the pairs it needs there: narrow
+# tiles keep that waste small (1/2 of the square ~ width / (2 · partners) of the work).
+SPGEMM_WIDTH = 512
 # Auto leaves the path that matches how X is stored (dense tiles for a dense X, sparse products
 # for a sparse one) only when the model says the other is at least this many times cheaper: the
 # estimates are rough, and the dense path would have to densify a sparse X block by block.
@@ -120,7 +127,7 @@ def make_plan(
     suffix = np.concatenate([np.cumsum(d[::-1])[::-1], [0.0]])
     block_rows = block_rows_for(nnz, n_rows, row_chunk, block_nnz)
     n_blocks = -(-n_rows // block_rows)
-    spmm_width = max(1, dense_bytes // (4 * block_rows))
+    spmm_width = max(1, min(SPMM_WIDTH, dense_bytes // (4 * block_rows)))
     cross = crossover_density()
 
     tiles: list[Tile] = []
@@ -135,10 +142,10 @@ def make_plan(
             kernel: Literal["spmm", "spgemm"] = "spmm"
             work = n_rows * suffix[p] * t * SPMM_NS + partners * t * n_blocks * 1.0
         else:
-            t = min(cap, partners)
+            t = min(cap, partners, SPGEMM_WIDTH)
             kernel = "spgemm"
             coact = n_rows * (suffix[p] - suffix[p + t]) * suffix[p]
-            work = coact * SPGEMM_NS + min(coact, partners * t * n_blocks) * ENTRY_NS
+            work = coact * SPGEMM_NS
         tiles.append(Tile(p, p + t, kernel))
         cost += work * 1e-9 + partners * t * ENTRY_NS * 1e-9 + n_blocks * CALL_S
         p += t
