@@ -86,8 +86,16 @@ _NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placemen
 
 def quiet_local_workers() -> None:
     """Setup hook of every worker process of a local Ray: silence the warnings that only say
-    the (deliberately absent) dashboard's State API is unavailable."""
+    the (deliberately absent) dashboard's State API is unavailable.
+
+    That cleaner finds its cluster by auto-detection (no address), which raises "Found multiple
+    active Ray instances" and prints a traceback when another Ray runs on this machine (two runs
+    at once, or a `ray start` head); pointing RAY_ADDRESS at this worker's own cluster makes it
+    take the quiet path above."""
+    import ray  # noqa: PLC0415
+
     logging.getLogger(_NOISY_WITHOUT_DASHBOARD).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def cluster_cpus() -> int:
