@@ -118,7 +118,7 @@ def throughput(m: int, n: int, tile: int, use_ray: bool, rounds: int) -> dict:
     n = X.shape[1]
     cfg = GraphConfig(tile_cols=tile, row_chunk=16384)
     st = column_stats(X, np.arange(n), tile, cfg.row_chunk)
-    thr, _ = edge_threshold("auto", st.max_abs_z, X, np.arange(n), m, cfg.row_chunk,
+    thr, _, _ = edge_threshold("auto", st.max_abs_z, X, np.arange(n), m, cfg.row_chunk,
                             alpha=cfg.null_alpha, null_model=cfg.null_model,
                             perm_cols=cfg.null_perm_cols, seed=0)
     src = TileSource(X, np.arange(n), st.mean.astype(np.float32),

@@ -474,11 +474,15 @@ class GraphConfig(Cfg):
     paper's plain ReLU clamp."""
     null_alpha: Probability = 0.01
     """Family-wise false-positive rate the automatic threshold allows over all N^2/2 pairs."""
-    null_model: Literal["bennett", "gaussian"] = "bennett"
+    null_model: Literal["bennett", "bennett_pairwise", "gaussian"] = "bennett"
     """Tail model of a null (independent columns) correlation used by "auto": "bennett" bounds the
     row-permutation null from each column's largest |z| (right for sparse, spiky profiles,
-    conservative for dense Gaussian ones); "gaussian" assumes normal data (t-test quantile) and
-    under-estimates the tail of sparse profiles."""
+    conservative for dense Gaussian ones) with one threshold for all pairs, and falls back to
+    per-pair thresholds when that one is vacuous (1: the rarest columns can reach any
+    correlation by chance, as with a language model's power-law firing rates);
+    "bennett_pairwise" always uses per-pair thresholds (each pair's own Bennett bound at level
+    null_alpha / n_pairs, from its two columns' largest |z|); "gaussian" assumes normal data
+    (t-test quantile) and under-estimates the tail of sparse profiles."""
     null_perm_cols: NonNegInt = 1024
     """"auto" never goes below the largest correlation among this many randomly chosen columns
     after shuffling each column's rows independently (an empirical floor; 0 turns it off)."""

@@ -49,7 +49,7 @@ from scalespd.graph.stats import (
     panel_moments,
     stats_from_moments,
 )
-from scalespd.graph.threshold import edge_threshold
+from scalespd.graph.threshold import edge_threshold, filter_pairs
 from scalespd.graph.topk import TileSource, empty_topk, merge_topk, row_block_topk
 from scalespd.jsonio import write_json_atomic
 
@@ -357,7 +357,7 @@ def build_graph(
 
         # The edge threshold (data-derived unless given).
         t1 = time.perf_counter()
-        threshold, tinfo = edge_threshold(
+        threshold, tinfo, pair_threshold = edge_threshold(
             cfg.edge_threshold, stats.max_abs_z[active], X, cols[active], n_rows,
             cfg.row_chunk, alpha=cfg.null_alpha, null_model=cfg.null_model,
             perm_cols=cfg.null_perm_cols, seed=cfg.null_seed,
@@ -378,14 +378,17 @@ def build_graph(
             cinfo["plan"] = plan.summary()
         log.info("graph: pass 2 %s (%s)", path, cinfo["reason"])
 
-        # Pass 2: a running top-k over the non-constant columns.
+        # Pass 2: a running top-k over the non-constant columns. With per-pair thresholds it
+        # keeps 2k candidates, so that the ones failing their own pair's threshold leave room.
         t2 = time.perf_counter()
-        vals, idx = empty_topk(active.size, k)
+        k_search = 2 * k if pair_threshold is not None else k
+        vals, idx = empty_topk(active.size, k_search)
         # A threshold of 1 means chance explains even perfect correlations: no candidates.
         if active.size and threshold < 1.0:
             if path == "sparse" and plan is not None:
-                vals, idx = _sparse_pass2(X, cols[active], stats, active, plan, threshold, k,
-                                          cfg.row_chunk, dev, checkpoint, checkpoint_every_s)
+                vals, idx = _sparse_pass2(X, cols[active], stats, active, plan, threshold,
+                                          k_search, cfg.row_chunk, dev, checkpoint,
+                                          checkpoint_every_s)
             else:
                 if use_ray and spec is None:
                     spec = stack.enter_context(ray_source(X, scratch_dir))
@@ -394,8 +397,12 @@ def build_graph(
                     (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
                     n_rows, cfg.tile_cols, cfg.row_chunk,
                 )
-                vals, idx = pass2_topk(src, k, threshold, dev, spec, checkpoint,
+                vals, idx = pass2_topk(src, k_search, threshold, dev, spec, checkpoint,
                                        checkpoint_every_s, peaks)
+        if pair_threshold is not None:
+            before = int((idx >= 0).sum())
+            vals, idx = filter_pairs(vals, idx, stats.max_abs_z[active], pair_threshold, k)
+            tinfo["pair_candidates_removed"] = before - int((idx >= 0).sum())
         timings["topk_s"] = time.perf_counter() - t2
 
     # Back to all n nodes: constant columns keep empty lists.

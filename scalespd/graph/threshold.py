@@ -33,6 +33,16 @@ O(n²).
 freedom) at the per-pair level α / n_pairs, ≈ z_{1-α/n_pairs} / sqrt(M): tighter on dense data,
 but it under-states the tail of sparse profiles.
 
+Per-pair thresholds ("bennett_pairwise"). The union bound above uses one t for every pair, so
+the rarest columns set it: with power-law firing rates (language models), pairs of columns that
+each fire on a handful of rows can reach any t < 1 by chance, the bound becomes 1 and no edge is
+left. Splitting α evenly instead (level α / n_pairs per pair, the same family-wise guarantee by
+the union bound) gives each pair its own threshold t(β_ij), the smallest t with
+exp(-(M/β_ij²) h(β_ij t)) ≤ α / n_pairs: near the Gaussian level for two dense columns, higher
+for rare ones, and 1 (never an edge) for pairs that chance alone can make perfectly correlated.
+t(β) increases with β; it is tabulated on a geometric grid of β and read at the grid point
+above (conservative). "bennett" falls back to it when the single threshold is vacuous (1).
+
 The empirical floor. The largest correlation among `null_perm_cols` random columns whose rows
 were shuffled independently is a draw from the same null over a smaller family, so it is
 normally below the bound; "auto" takes max(bound, floor) so that a model error can only make
@@ -101,6 +111,71 @@ def bennett_bound(max_abs_z: np.ndarray, n_rows: int, alpha: float) -> float:
     return hi_t
 
 
+_TABLE = 512
+
+
+class PairThreshold:
+    """t(β): the per-pair threshold of "bennett_pairwise" (module docstring) at per-pair level
+    `level`, for M = n_rows, tabulated for β in [beta_min, beta_max]."""
+
+    def __init__(self, beta_min: float, beta_max: float, n_rows: int, level: float) -> None:
+        self.level, self.n_rows = level, n_rows
+        lo, hi = max(beta_min, 1e-12), max(beta_max, beta_min, 1e-12) * (1 + 1e-9)
+        self.grid = np.geomspace(lo, hi, _TABLE) if hi > lo else np.array([lo, hi])
+        self.table = self._solve(self.grid)
+
+    def _solve(self, beta: np.ndarray) -> np.ndarray:
+        """Bisection on all β at once; 1.0 where even t = 1 is within chance."""
+        log_level = math.log(self.level)
+
+        def excess(t: np.ndarray) -> np.ndarray:  # log P(ρ ≥ t) - log level, decreasing in t
+            return -(self.n_rows / beta**2) * _h(beta * t) - log_level
+
+        lo, hi = np.zeros_like(beta), np.ones_like(beta)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            up = excess(mid) > 0
+            lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
+        return np.where(excess(np.ones_like(beta)) > 0, 1.0, hi)
+
+    @property
+    def minimum(self) -> float:
+        """The smallest per-pair threshold (the densest pair): every edge is above it."""
+        return float(self.table[0])
+
+    def __call__(self, beta: np.ndarray) -> np.ndarray:
+        """t(β) for any array of β_ij (read at the grid point at or above β)."""
+        pos = np.searchsorted(self.grid, beta, side="left")
+        return self.table[np.minimum(pos, self.grid.size - 1)]
+
+
+def filter_pairs(vals: np.ndarray, idx: np.ndarray, max_abs_z: np.ndarray, pt: PairThreshold,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k lists with every candidate that fails its own pair's threshold removed.
+
+    vals, idx: (n, k') candidate correlations and local neighbour ids, best first (-1 = none),
+    over columns with (n,) largest |z| max_abs_z; returns (n, k) lists, best first, the
+    survivors in their order. Searching k' > k candidates leaves room for the ones removed."""
+    ok = idx >= 0
+    beta = max_abs_z[:, None] * max_abs_z[np.where(ok, idx, 0)]
+    t = pt(beta)
+    keep = ok & (vals > t) & (t < 1.0)  # t = 1: never (float32 rounding can exceed 1)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # survivors first, order kept
+    kept = np.take_along_axis(keep, order, axis=1)
+    out_v = np.where(kept, np.take_along_axis(vals, order, axis=1), 0).astype(vals.dtype)
+    out_i = np.where(kept, np.take_along_axis(idx, order, axis=1), -1)
+    return out_v, out_i
+
+
+def pairwise_threshold(max_abs_z: np.ndarray, n_rows: int, alpha: float) -> PairThreshold:
+    """The per-pair thresholds of the n non-constant columns with (n,) largest |z| max_abs_z."""
+    d = np.asarray(max_abs_z, dtype=np.float64)
+    n_pairs = max(d.size * (d.size - 1) / 2, 1.0)
+    lo = float(d.min()) ** 2 if d.size else 1.0
+    hi = float(d.max()) ** 2 if d.size else 1.0
+    return PairThreshold(lo, hi, n_rows, alpha / n_pairs)
+
+
 def permutation_max(
     X: Any, columns: np.ndarray, n_rows: int, row_chunk: int, n_cols: int, seed: int
 ) -> tuple[float, int]:
@@ -138,8 +213,10 @@ def edge_threshold(
     null_model: str,
     perm_cols: int,
     seed: int,
-) -> tuple[float, dict[str, Any]]:
-    """The threshold to use and how it was derived (a JSON-able record for the summary).
+) -> tuple[float, dict[str, Any], PairThreshold | None]:
+    """The threshold to use, how it was derived (a JSON-able record for the summary) and, for
+    per-pair thresholds, the PairThreshold every candidate edge must also pass (the returned
+    threshold is then its minimum: the candidate floor).
 
     setting: a number (used as is; 0 is the paper's plain ReLU clamp) or "auto".
     max_abs_z, columns: (n,) over the non-constant columns only."""
@@ -157,19 +234,24 @@ def edge_threshold(
     if setting != "auto":
         value = float(setting)
         info.update(method="fixed", value=value)
-        return value, info
+        return value, info, None
     bennett = bennett_bound(max_abs_z, n_rows, alpha)
-    bound = bennett if null_model == "bennett" else gauss
+    pairwise = null_model == "bennett_pairwise" or (null_model == "bennett" and bennett >= 1.0)
     perm, used = (0.0, 0)
     if perm_cols > 0:
         perm, used = permutation_max(X, columns, n_rows, row_chunk, perm_cols, seed)
+    info.update(method="auto", null_model=null_model, bennett_bound=bennett,
+                permutation_max=perm, permutation_cols=used)
+    if pairwise:
+        # The permutation floor is a maximum over all sampled pairs, rare ones included, so it
+        # is no floor for dense pairs here; it stays in the record for comparison.
+        pt = pairwise_threshold(max_abs_z, n_rows, alpha)
+        value = pt.minimum
+        info.update(pairwise=True, pair_level=pt.level, pair_threshold_min=value,
+                    pair_threshold_max=float(pt.table[-1]),
+                    fallback=null_model == "bennett", value=value)
+        return value, info, pt
+    bound = bennett if null_model == "bennett" else gauss
     value = min(1.0, max(bound, perm, 0.0))
-    info.update(
-        method="auto",
-        null_model=null_model,
-        bennett_bound=bennett,
-        permutation_max=perm,
-        permutation_cols=used,
-        value=value,
-    )
-    return value, info
+    info.update(pairwise=False, value=value)
+    return value, info, None

@@ -14,7 +14,13 @@ from synthetic_graph import planted_profiles
 from scalespd.config import GraphConfig
 from scalespd.graph import build_graph
 from scalespd.graph.stats import column_stats
-from scalespd.graph.threshold import bennett_bound, edge_threshold, gaussian_bound
+from scalespd.graph.threshold import (
+    PairThreshold,
+    bennett_bound,
+    edge_threshold,
+    filter_pairs,
+    gaussian_bound,
+)
 
 
 def _max_null_corr(X: np.ndarray) -> float:
@@ -69,7 +75,7 @@ def test_single_spike_columns_are_never_linked() -> None:
 
 def test_fixed_threshold_is_used_as_given() -> None:
     X = np.random.default_rng(2).standard_normal((100, 20)).astype(np.float32)
-    value, info = edge_threshold(0.25, _max_abs_z(X), X, np.arange(20), 100, 64, alpha=0.01,
+    value, info, _ = edge_threshold(0.25, _max_abs_z(X), X, np.arange(20), 100, 64, alpha=0.01,
                                  null_model="bennett", perm_cols=10, seed=0)
     assert value == 0.25 and info["method"] == "fixed"
 
@@ -79,8 +85,8 @@ def test_auto_threshold_record_and_gaussian_option() -> None:
     cols = np.arange(X.shape[1])
     z = _max_abs_z(X)
     kw = dict(alpha=0.01, perm_cols=200, seed=0)
-    tb, ib = edge_threshold("auto", z, X, cols, 1500, 512, null_model="bennett", **kw)
-    tg, ig = edge_threshold("auto", z, X, cols, 1500, 512, null_model="gaussian", **kw)
+    tb, ib, _ = edge_threshold("auto", z, X, cols, 1500, 512, null_model="bennett", **kw)
+    tg, ig, _ = edge_threshold("auto", z, X, cols, 1500, 512, null_model="gaussian", **kw)
     assert ib["method"] == "auto" and ib["permutation_cols"] == 200
     assert tb == max(ib["bennett_bound"], ib["permutation_max"])
     assert tg == max(ig["gaussian_bound"], ig["permutation_max"])
@@ -124,3 +130,65 @@ def test_binned_bennett_sum_is_conservative() -> None:
     binned = bennett_bound(d, m, alpha)
     assert exact <= binned <= exact * 1.05
     assert 0 < bennett_bound(np.full(50, 3.0), m, alpha) < 1
+
+
+# ------------------------------------------------------------------------------------------
+# Per-pair thresholds (power-law firing rates)
+# ------------------------------------------------------------------------------------------
+
+
+def test_pair_threshold_grows_with_beta_and_is_vacuous_for_single_row_pairs() -> None:
+    M = 20_000
+    pt = PairThreshold(1.0, float(M), M, level=1e-8)
+    beta = np.geomspace(1.0, M, 50)
+    t = pt(beta)
+    assert np.all(np.diff(t) >= 0) and t[0] < 0.1
+    # Gaussian-like pair (beta ~ (2 ln M)^2): close to the normal quantile at that level.
+    assert pt(np.array([4.0]))[0] == pytest.approx(5.73 / math.sqrt(M), rel=0.35)
+    # Two columns that each fire on one row: chance makes them perfectly correlated with
+    # probability 1/M > level, so no correlation is significant.
+    assert pt(np.array([float(M)]))[0] == 1.0
+    # Two columns firing on the same 20 of M rows: significant although far rarer than dense.
+    assert pt(np.array([M / 20]))[0] < 0.99
+
+
+def test_filter_pairs_keeps_survivors_in_order() -> None:
+    pt = PairThreshold(1.0, 1e4, 10_000, level=1e-6)
+    vals = np.zeros((4, 4), dtype=np.float32)
+    idx = np.full((4, 4), -1)
+    vals[0], idx[0] = [0.9, 0.5, 0.2, 0.05], [1, 2, 3, 0]
+    vals[1, 0], idx[1, 0] = 0.3, 0
+    z = np.array([100.0, 2.0, 100.0, 2.0])  # columns 0, 2 rare; 1, 3 dense
+    v, i = filter_pairs(vals, idx, z, pt, k=2)
+    # Row 0 (rare): 0.9 with dense 1 (beta 200) survives, 0.5 with rare 2 (beta 1e4) does not,
+    # 0.2 with dense 3 survives; truncated to k = 2.
+    t_rare, t_mid = pt(np.array([1e4]))[0], pt(np.array([200.0]))[0]
+    assert t_rare > 0.5 and t_mid < 0.2
+    assert i.tolist() == [[1, 3], [0, -1], [-1, -1], [-1, -1]]
+    assert v[0].tolist() == pytest.approx([0.9, 0.2])
+    assert v[1].tolist() == pytest.approx([0.3, 0.0])
+
+
+def test_vacuous_single_threshold_falls_back_to_per_pair_thresholds() -> None:
+    """Many columns that fire on one row each make the single union bound 1 (no edges at all);
+    the per-pair fallback still finds the planted dense pairs and none of the chance pairs."""
+    rng = np.random.default_rng(0)
+    M, n_rare, n_pairs = 4000, 400, 10
+    X = np.zeros((M, n_rare + 2 * n_pairs), dtype=np.float32)
+    X[rng.integers(0, M, n_rare), np.arange(n_rare)] = 1.0  # single-row columns, some share
+    for p in range(n_pairs):  # planted pairs firing together on ~5% of rows
+        on = rng.random(M) < 0.05
+        X[on, n_rare + 2 * p] = rng.random(on.sum())
+        X[on, n_rare + 2 * p + 1] = rng.random(on.sum())
+    z = _max_abs_z(X)
+    assert bennett_bound(z, M, 0.01) == 1.0
+    res = build_graph(X, GraphConfig(k=3))
+    info = res.summary["threshold_info"]
+    assert info["pairwise"] and info["fallback"] and res.threshold < 0.2
+    W = res.graph.tocoo()
+    edges = {(int(a), int(b)) for a, b in zip(W.row, W.col, strict=True) if a < b}
+    assert edges == {(n_rare + 2 * p, n_rare + 2 * p + 1) for p in range(n_pairs)}
+    # Single-row columns that happen to coincide (correlation 1) are no edge.
+    coinciding = [(a, b) for a in range(n_rare) for b in range(a + 1, n_rare)
+                  if np.array_equal(X[:, a], X[:, b])]
+    assert coinciding and not edges & set(coinciding)
