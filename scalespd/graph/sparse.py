@@ -9,12 +9,15 @@ give every candidate's exact correlation.
 How. `sparse_plan` orders the columns densest first and cuts them into tiles; a pass over the
 row blocks (`sparse_io.SparseBlocks`, CSC float32) accumulates each tile's Gram block in float64
 (`_accumulate`), then turns it into correlations and picks each node's top k in the total order
-of the dense path (larger value first, then smaller node id; `topk.topk_rows` / `merge_topk`), so
-the lists are those of the dense path and of brute force up to float32 rounding at exact ties of
-the k-th place. Correlations are formed and compared in float64; the spgemm sums are float32
-within one row block (non-negative terms) and float64 across blocks, the spmm operand is centred
-before its float32 product (as the dense path z-scores), so the values carry at most the dense
-path's float32 error.
+of the dense path (larger value first, then smaller node id; `topk.topk_rows` / `merge_topk`).
+Each unordered pair is computed once and that number serves both of its nodes, as in the dense
+path. Correlations are formed and compared in float64; the spgemm sums are float32 within one
+row block (non-negative terms) and float64 across blocks, the spmm operand is centred before its
+float32 product (as the dense path z-scores), so the values carry at most the dense path's
+float32 error (~1e-6). The lists therefore equal the dense path's and brute force's, exact ties
+included (identical columns give identical numbers here too), except where two candidates — or
+a candidate and the edge threshold — differ by less than that rounding: there no two float
+implementations agree, and which one wins is not defined.
 
 Memory: one row block, one pass's accumulators (`acc_entries` float64) and the (n, k) lists;
 never an n × n array. Passes are independent (`group_topk`) and their lists merge in any order;

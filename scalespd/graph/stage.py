@@ -33,6 +33,8 @@ def _manifest_info(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("n_columns", "n_zero_var", "threshold", "n_edges", "n_components", "n_isolated",
             "device", "ray")
     out = {k: summary[k] for k in keys}
+    # "dense" | "sparse": how pass 2 ran (absent from outputs written before it existed).
+    out["correlation"] = summary.get("correlation", {}).get("path")
     out["largest_components"] = summary["largest_components"][:5]
     out["seconds"] = summary["timings"]["total_s"]
     return out

@@ -14,6 +14,7 @@ from graph_reference import assert_topk_matches, brute_corr, brute_topk, mutual_
 from sparse_profiles import lm_like_profiles
 from synthetic_graph import block_profiles
 
+from scalespd.backend import cupy_gpu_available
 from scalespd.config import GraphConfig
 from scalespd.graph import GraphResult, build_graph
 from scalespd.graph.panels import read_block
@@ -256,6 +257,18 @@ def test_sparse_inputs_are_read_dense_where_dense_blocks_are_needed() -> None:
         block = read_block(src, 100, 400, cols)
         np.testing.assert_array_equal(block, X[100:400][:, cols])
         assert block.dtype == np.float32 and block.flags.writeable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_gpu_available(), reason="no CUDA GPU visible to CuPy")
+def test_gpu_sparse_path_equals_the_cpu_one() -> None:
+    """cupyx.scipy.sparse products (several passes, both kernels) give the CPU lists."""
+    X = lm_like_profiles(seed=11)
+    cfg = _cfg("sparse", tile_cols=16)
+    gpu = build_graph(sp.csr_matrix(X), cfg, device="cuda")
+    assert gpu.summary["device"] == "cuda"
+    assert gpu.summary["correlation"]["plan"]["n_passes"] > 1
+    _assert_same_graph(gpu, build_graph(X, cfg, device="cpu"))
 
 
 # --------------------------------------------------------------------------------------------
