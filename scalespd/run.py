@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
 import platform
@@ -91,10 +92,14 @@ def section_hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("scalespd", "torch", "ray", "numpy", "scipy", "zarr", "sklearn", "dask"):
+    # Read from the installed distributions' metadata: importing transformers just to print its
+    # version would cost seconds on every run.
+    for name, dist in (("scalespd", "scalespd"), ("torch", "torch"), ("ray", "ray"),
+                       ("numpy", "numpy"), ("scipy", "scipy"), ("zarr", "zarr"),
+                       ("sklearn", "scikit-learn"), ("transformers", "transformers")):
         try:
-            out[name] = str(importlib.import_module(name).__version__)
-        except Exception:  # version info is best-effort metadata
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # best-effort metadata
             pass
     return out
 
