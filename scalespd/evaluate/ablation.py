@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from scalespd.train.components import Mask
 
@@ -317,13 +318,19 @@ def ablation_test(
 
     device = _model_device(model, x)
     base_sum, n_pos = 0.0, 0
-    with torch.inference_mode():
+    n_batches = -(-x.shape[0] // batch_size)
+    # A bar on a terminal only (disable=None): with 100 random sets per cluster this is the
+    # evaluate stage's long part.
+    bar = tqdm(total=n_batches * len(runs), desc="ablation (batch x cluster)", unit="cluster",
+               disable=None, leave=False)
+    with torch.inference_mode(), bar:
         for start in range(0, x.shape[0], batch_size):
             b = _prepare(model, x[start:start + batch_size].to(device))
             base_sum += float(b.baseline.double().sum())
             n_pos += b.baseline.numel()
             for r in runs:
                 _accumulate(model, b, r, cols, batch_size, device, tau)
+                bar.update()
 
     records = [_record(r, column_layer) for r in runs]
     return {
