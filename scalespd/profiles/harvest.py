@@ -51,6 +51,7 @@ from scalespd.profiles.stats import ColumnStats, atomic_write_npz, merge_all
 from scalespd.profiles.store import (
     FORMAT_VERSION,
     BlockLayout,
+    ChunkWriter,
     ProfilesError,
     block_record_path,
     check_ci,
@@ -171,15 +172,24 @@ def _peak_rss_bytes() -> int:
 def compute_block_ci(
     model: CIModel, x: torch.Tensor, modules: list[dict[str, Any]], batch_rows: int,
     device: str, dtype: np.dtype, tau: float, rows_per_input: int = 1,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ColumnStats]:
     """CI of inputs x (B, ...) -> ((R, N) array of `dtype`, stats of exactly those stored
     values), R = B * rows_per_input: a toy input is one row, a language-model sequence (B, T)
     gives T rows (its token positions, in order).
 
     The forward runs in batches of about `batch_rows` rows on `device`; stats come from the
-    values as stored (after the cast), so they agree with numpy on the saved array."""
+    values as stored (after the cast), so they agree with numpy on the saved array. `out`: a
+    buffer of at least R rows to fill (reused across blocks: a fresh block-sized array costs a
+    page fault per 4 KiB on first touch); the result is a view of its first R rows."""
     n_cols = sum(m["C"] for m in modules)
-    out = np.empty((x.shape[0] * rows_per_input, n_cols), dtype=dtype)
+    n_rows = x.shape[0] * rows_per_input
+    if out is None:
+        out = np.empty((n_rows, n_cols), dtype=dtype)
+    elif out.shape[0] < n_rows or out.shape[1:] != (n_cols,) or out.dtype != dtype:
+        raise ValueError(f"buffer {out.shape} {out.dtype} cannot hold ({n_rows}, {n_cols}) "
+                         f"{np.dtype(dtype)}")
+    out = out[:n_rows]
     stats = ColumnStats.empty(n_cols, tau)
     tdtype = getattr(torch, np.dtype(dtype).name)
     batch_inputs = max(1, batch_rows // rows_per_input)
@@ -200,9 +210,11 @@ def compute_block_ci(
                         f"causal_importances[{m['module']!r}] has shape {tuple(g.shape)}, "
                         f"expected {want} (inputs, C)"
                     )
-                # One copy, straight into the block buffer (no concatenation).
-                rows[:, m["offset"] : m["offset"] + m["C"]] = (
-                    g.reshape(n, m["C"]).to(tdtype).cpu().numpy())
+                # One copy, straight into the block buffer (no concatenation); torch's copy
+                # runs on all its threads where numpy's assignment used one. Same cast as
+                # before (to `dtype` on the device, then to the host).
+                torch.from_numpy(rows[:, m["offset"] : m["offset"] + m["C"]]).copy_(
+                    g.reshape(n, m["C"]).to(tdtype))
             # Range check on the contiguous host copy (fast; NaN propagates into min/max).
             if not (rows.min() >= 0 and rows.max() <= 1):
                 _raise_out_of_range(rows, modules)
@@ -238,9 +250,9 @@ class ComputedBlock:
 
 def compute_block(
     b: int, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict[str, Any]],
-    cfg: ProfilesConfig, device: str,
+    cfg: ProfilesConfig, device: str, out: np.ndarray | None = None,
 ) -> ComputedBlock:
-    """Inputs of block b from (seed, b), then its CI values and stats."""
+    """Inputs of block b from (seed, b), then its CI values and stats (into `out` if given)."""
     t0 = time.perf_counter()
     start, stop = layout.block_range(b)
     x = source.block_inputs(b, start, stop)
@@ -249,20 +261,23 @@ def compute_block(
         raise ProfilesError(f"row source gave {x.shape[0]} inputs of {per_input} row(s) for "
                             f"block {b}, expected {stop - start} rows ([{start}, {stop}))")
     vals, stats = compute_block_ci(model, x, modules, cfg.batch_rows, device,
-                                   np.dtype(cfg.dtype), cfg.tau, per_input)
+                                   np.dtype(cfg.dtype), cfg.tau, per_input, out)
     return ComputedBlock(b, start, stop, x, vals, stats, time.perf_counter() - t0)
 
 
 def write_block(
     c: ComputedBlock, source: RowSource, ci: zarr.Array, inputs: zarr.Group | None,
-    blocks_dir: Path,
+    blocks_dir: Path, chunks: ChunkWriter | None = None,
 ) -> BlockResult:
-    """Write the block's rows (all N columns: whole chunks), then, and only then, its
-    completion record."""
+    """Write the block's rows (all N columns: whole chunks) through `chunks` (the same bytes,
+    faster) or else zarr, then, and only then, its completion record."""
     t0 = time.perf_counter()
     # zarr's OSErrors name no file: name the array being written.
     with naming_file(blocks_dir.parent / CI_FILE):
-        ci[c.start : c.stop, :] = c.vals
+        if chunks is not None:
+            chunks.write(c.start, c.vals)
+        else:
+            ci[c.start : c.stop, :] = c.vals
     if inputs is not None:
         for name, v in source.row_metadata(c.block, c.start, c.stop, c.x).items():
             arr = inputs[name]
@@ -284,10 +299,11 @@ def write_block(
 def run_block(
     b: int, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict[str, Any]],
     ci: zarr.Array, inputs: zarr.Group | None, blocks_dir: Path, cfg: ProfilesConfig, device: str,
+    chunks: ChunkWriter | None = None, out: np.ndarray | None = None,
 ) -> BlockResult:
-    """Compute block b and write it."""
-    return write_block(compute_block(b, model, source, layout, modules, cfg, device), source, ci,
-                       inputs, blocks_dir)
+    """Compute block b (into `out` if given) and write it."""
+    return write_block(compute_block(b, model, source, layout, modules, cfg, device, out),
+                       source, ci, inputs, blocks_dir, chunks)
 
 
 def _run_local(
@@ -296,16 +312,27 @@ def _run_local(
     cfg: ProfilesConfig, device: str,
 ) -> Iterator[BlockResult]:
     """Blocks in this process; block b is written (compressed) by a background thread while
-    block b+1 is computed, so at most two blocks are in memory. Results come in block order."""
+    block b+1 is computed, so at most two blocks are in memory: two block buffers take turns
+    (the one just written is filled by the block after next). Results come in block order; a
+    failed write raises here, when its result is taken."""
+    chunks = ChunkWriter.for_array(ci)  # used by the writer thread only
+    free: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles-writer") as pool:
-        pending: Future[BlockResult] | None = None
+        pending: tuple[Future[BlockResult], np.ndarray] | None = None
         for b in todo:
-            c = compute_block(b, model, source, layout, modules, cfg, device)
+            buf = free.pop() if free else _block_buffer(layout, cfg)
+            c = compute_block(b, model, source, layout, modules, cfg, device, buf)
             if pending is not None:
-                yield pending.result()
-            pending = pool.submit(write_block, c, source, ci, inputs, blocks_dir)
+                result = pending[0].result()
+                free.append(pending[1])
+                yield result
+            pending = (pool.submit(write_block, c, source, ci, inputs, blocks_dir, chunks), buf)
         if pending is not None:
-            yield pending.result()
+            yield pending[0].result()
+
+
+def _block_buffer(layout: BlockLayout, cfg: ProfilesConfig) -> np.ndarray:
+    return np.empty((layout.block_rows, layout.n_cols), dtype=np.dtype(cfg.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,10 +356,13 @@ class _HarvestWorker:
         fields = source.row_fields()
         self.inputs = (zarr.open_group(str(self.out_dir / INPUTS_FILE), mode="r+")
                        if fields else None)
+        self.chunks = ChunkWriter.for_array(self.ci)
+        self.buf = _block_buffer(layout, cfg)  # one block at a time per actor: reused
 
     def run(self, b: int) -> BlockResult:
         return run_block(b, self.model, self.source, self.layout, self.modules, self.ci,
-                         self.inputs, self.out_dir / BLOCKS_DIR, self.cfg, self.device)
+                         self.inputs, self.out_dir / BLOCKS_DIR, self.cfg, self.device,
+                         self.chunks, self.buf)
 
 
 def _run_on_ray(
