@@ -371,7 +371,6 @@ def _run_on_ray(
 ) -> Iterator[BlockResult]:
     """Yield BlockResults as Ray actors finish blocks (at most one block in flight per actor)."""
     import ray  # noqa: PLC0415
-    from ray.util import ActorPool  # noqa: PLC0415
 
     from scalespd.raytools import cluster_cpus, cluster_gpus, ensure_ray  # noqa: PLC0415
 
@@ -398,8 +397,7 @@ def _run_on_ray(
     log.info("profiles: %d blocks on %d Ray actors (%s, %d torch threads each)",
              len(todo), n_actors, device, threads)
     try:
-        pool = ActorPool(actors)
-        yield from pool.map_unordered(lambda a, b: a.run.remote(b), todo)
+        yield from _schedule(actors, todo)
     except ray.exceptions.RayTaskError as err:
         # An actor's failed write arrives wrapped; the OSError itself (errno, file name) is
         # what the caller reports as a storage problem, so raise that.
@@ -411,6 +409,40 @@ def _run_on_ray(
         for a in actors:
             # ray types ActorClass.remote() as `ActorHandle[T] | type[T]`; these are handles.
             ray.kill(a)  # type: ignore[arg-type]
+
+
+def _schedule(actors: list[Any], todo: list[int]) -> Iterator[BlockResult]:
+    """One block in flight per actor, results as they finish. When a block fails, no new block
+    starts and the blocks already in flight are waited for (their records are valid) before the
+    error is raised: once the harvest has returned, no actor writes into the output any more,
+    so what a re-run sees is what is on disk."""
+    import ray  # noqa: PLC0415
+
+    queue = list(reversed(todo))
+    running: dict[Any, Any] = {}  # ObjectRef -> actor
+
+    def submit(actor: Any) -> None:
+        if queue:
+            running[actor.run.remote(queue.pop())] = actor
+
+    for a in actors:
+        submit(a)
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except Exception:
+            queue.clear()
+            if running:
+                ray.wait(list(running), num_returns=len(running), timeout=_DRAIN_TIMEOUT_S)
+            raise
+        submit(actor)
+        yield result
+
+
+# How long a failed harvest waits for the other actors' blocks in flight before it stops them.
+_DRAIN_TIMEOUT_S = 300.0
 
 
 # --------------------------------------------------------------------------------------------
