@@ -365,19 +365,7 @@ def _compare_topk(c: Check, ref: Any, got: Any) -> None:
 def check_topk_dense(c: Check, gpu: bool, size: dict[str, Any]) -> None:
     X = _profiles(size["n_mechanisms"], size["n_rows"])
     c.info.update(rows=X.shape[0], columns=X.shape[1], k=size["k"])
-    _graph(X[:256], "dense", size, "cpu")  # imports and first-call set-up, untimed
-    with _timer(c.cpu):
-        ref = _graph(X, "dense", size, "cpu")
-    c.cpu["topk_seconds"] = round(ref.summary["timings"]["topk_s"], 4)
-    c.info["path"] = ref.summary.get("correlation", {}).get("path")
-    if gpu:
-        with _timer(c.gpu, "warmup_seconds"):
-            _graph(X[:256], "dense", size, "cuda")
-        with _timer(c.gpu):
-            got = _graph(X, "dense", size, "cuda")
-        c.gpu["topk_seconds"] = round(got.summary["timings"]["topk_s"], 4)
-        _compare_topk(c, ref, got)
-    c.tolerance["values_max_abs"] = ("<=", 1e-4)
+    _run_topk(c, X, "dense", gpu, size)
 
 
 @check("topk_sparse", "cupy", "graph.build.build_graph sparse pass 2 (co-activation products)")
@@ -386,16 +374,21 @@ def check_topk_sparse(c: Check, gpu: bool, size: dict[str, Any]) -> None:
     X = _profiles(size["n_mechanisms"], size["n_rows"], noise=0.0)
     c.info.update(rows=X.shape[0], columns=X.shape[1], k=size["k"],
                   density=round(float(np.count_nonzero(X)) / X.size, 4))
-    _graph(X[:256], "sparse", size, "cpu")  # imports and first-call set-up, untimed
+    _run_topk(c, X, "sparse", gpu, size)
+
+
+def _run_topk(c: Check, X: np.ndarray, path: str, gpu: bool, size: dict[str, Any]) -> None:
+    """build_graph on `path` on the CPU and, with a GPU, on CUDA; top-k lists compared."""
+    _graph(X[:256], path, size, "cpu")  # imports and first-call set-up, untimed
     with _timer(c.cpu):
-        ref = _graph(X, "sparse", size, "cpu")
+        ref = _graph(X, path, size, "cpu")
     c.cpu["topk_seconds"] = round(ref.summary["timings"]["topk_s"], 4)
     c.info["path"] = ref.summary.get("correlation", {}).get("path")
     if gpu:
         with _timer(c.gpu, "warmup_seconds"):
-            _graph(X[:256], "sparse", size, "cuda")
+            _graph(X[:256], path, size, "cuda")
         with _timer(c.gpu):
-            got = _graph(X, "sparse", size, "cuda")
+            got = _graph(X, path, size, "cuda")
         c.gpu["topk_seconds"] = round(got.summary["timings"]["topk_s"], 4)
         _compare_topk(c, ref, got)
     c.tolerance["values_max_abs"] = ("<=", 1e-4)
