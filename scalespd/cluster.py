@@ -588,7 +588,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE",
                    help="change any other graph.* or spectral.* field (VALUE is YAML; "
-                        "repeatable), e.g. --set graph.mutual=true; see docs/config.md")
+                        "repeatable), e.g. --set graph.neighbours=mutual; see docs/config.md")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 

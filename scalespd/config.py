@@ -458,16 +458,38 @@ class ProfilesConfig(Cfg):
 
 
 class GraphConfig(Cfg):
-    """Tiled Pearson correlation -> running top-k -> (mutual) k-NN graph -> components."""
+    """Tiled Pearson correlation -> running top-k -> k-NN graph (relative, mutual or union) ->
+    components."""
 
     k: PosInt = 10
-    """Neighbours kept per node in the k-NN graph."""
-    mutual: Bool | Literal["auto"] = "auto"
-    """true: keep (i, j) only if each is in the other's top-k (the paper's mutual k-NN); false: the
-    union of the k-NN lists. "auto": mutual with the paper's edge_threshold 0, union when a
-    positive (or data-derived) threshold already removes chance edges — mutual k-NN breaks every
-    mechanism with more than ~k members into fragments (75 planted mechanisms of 1–40 members, M
-    = 3000: ARI 0.69–0.75 mutual vs 1.0 union, tests/spectral)."""
+    """Candidate neighbours per node: each node's k most correlated columns (above the edge
+    threshold) are the pairs that can become edges."""
+    neighbours: Literal["relative", "mutual", "union"] = "relative"
+    """Which candidate pairs become edges. "relative" (default): a pair from either node's top-k
+    list is kept when its correlation is at least `relative_strength` times the strongest
+    correlation of *each* of its two nodes. A hub (a subcomponent active with many mechanisms:
+    ResidMLP's mlp_out, TMS identity, a language model's frequent subcomponents) correlates
+    weakly with every member of the mechanisms it serves, and those members correlate strongly
+    with each other, so the hub's links fall below its partners' strongest ones and are dropped;
+    a member of a mechanism larger than k keeps all its mates' links (no k-mutual-picks limit).
+    "mutual": the paper's mutual k-NN (both in each other's top-k; fragments every mechanism of
+    more than ~k members); "union": either node's top-k (hubs join everything they serve). The
+    paper's exact procedure: neighbours "mutual", edge_threshold 0 and
+    spectral.always_on_fraction null (README "Clustering default")."""
+    relative_strength: Annotated[float, Field(gt=0, le=1, strict=False)] = 0.5
+    """The factor of "relative": an edge needs at least this fraction of both endpoints'
+    strongest correlations (0.5 and 0.6 gave the same toy results; README)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mutual_was_renamed(cls, data: Any) -> Any:
+        # A clear message for configs written before `neighbours` replaced `mutual`.
+        if isinstance(data, dict) and "mutual" in data:
+            raise ValueError("graph.mutual was replaced by graph.neighbours: use neighbours: "
+                             "mutual (was mutual: true), union (mutual: false) or relative "
+                             "(the default)")
+        return data
+
     edge_threshold: Annotated[float, Field(ge=0, lt=1, strict=True)] | Literal["auto"] = "auto"
     """Edges with correlation <= threshold are dropped before the k-NN selection. "auto": derived
     from the data (chance level for this M and N, see scalespd/graph/threshold.py); 0.0: the
@@ -504,13 +526,6 @@ class GraphConfig(Cfg):
     top-k lists, ties included. "auto": sparse when the profiles are non-negative and the column
     densities measured in the statistics pass make it the cheaper one, else dense."""
 
-    @property
-    def use_mutual(self) -> bool:
-        """Whether the k-NN graph is mutual (see `mutual`)."""
-        if self.mutual == "auto":
-            return self.edge_threshold == 0
-        return self.mutual
-
 
 class SpectralConfig(Cfg):
     """Spectral clustering of each connected component (or of the largest one)."""
@@ -537,14 +552,24 @@ class SpectralConfig(Cfg):
     which on these sparse graphs is already faster from ~100 nodes on (bench/spectral_bench.py)."""
     min_task_seconds: PosFloat = 0.05
     """Small components are packed into Ray tasks of at least this much estimated work."""
-    always_on_fraction: Probability | None = None
-    """Subcomponents active (CI > tau) on more than this fraction of inputs form their own "always-
-    on" group before clustering (None: off, as in the paper)."""
-    always_on_grouping: Literal["single", "connected"] = "single"
-    """How the always-on subcomponents are grouped: "single" = one cluster of all of them (the
-    paper's expected TMS 5-2+ID identity cluster, ResidMLP's identity-projection cluster);
-    "connected" = one cluster per connected set of them in the k-NN graph (isolated ones become
-    singletons)."""
+    always_on_fraction: Probability | None = 0.5
+    """Subcomponents active (CI > tau) on more than this fraction of inputs *and* without a
+    partner (strongest correlation with any other alive subcomponent below
+    `always_on_max_corr`) form the always-on group. Such subcomponents (TMS identity: active on
+    73-84% of inputs, strongest correlation 0.19-0.41) correlate weakly with everything and
+    otherwise get spread over the feature clusters (the paper's TMS+ID failure case). None: no
+    group (the paper's setting)."""
+    always_on_max_corr: Fraction = 0.5
+    """A frequent subcomponent whose strongest correlation reaches this has a partner and is
+    clustered like any other (TMS features active on up to 60% of the structured inputs have
+    partners at 0.71 and above); 1: every frequent subcomponent is always-on."""
+    always_on_grouping: Literal["join", "single", "connected"] = "join"
+    """How the always-on subcomponents are grouped. "join" (default): they are linked to each
+    other in the graph (edges at the median edge weight) and clustered with everything else, so
+    they form one cluster unless their own links tie them to a larger one (hub subcomponents
+    that also correlate with the other hubs stay with them); "single": taken out of the graph as
+    one cluster of all of them; "connected": taken out, one cluster per connected set of them in
+    the k-NN graph (isolated ones become singletons)."""
     alternative_always_on_fraction: Probability | None = 0.5
     """"Report both": the graph is clustered a second time with the other always-on setting
     (spectral/clusters_alternative.csv) when some alive subcomponent is always-on under either
@@ -559,6 +584,18 @@ class SpectralConfig(Cfg):
     gpu_min_nodes: PosInt = 512
     """On a GPU, components with at least this many nodes are solved there (eigensolver and
     k-means); smaller ones stay on the CPU, where their solve costs less than a transfer."""
+    quality_rows: PosInt = 20_000
+    """Cluster quality (spectral/quality.json): profile rows (the first ones) on which each
+    non-singleton cluster's coherence, the mean pairwise Pearson correlation of its members, is
+    computed."""
+    quality_resamples: NonNegInt = 1
+    """Cluster quality: times the profile rows are split into two random halves, each half's
+    graph built and clustered with the same settings, and the two clusterings compared (ARI, and
+    each cluster's best Jaccard overlap in the halves); each costs two graph builds and two
+    clusterings. 0 = off."""
+    quality_seeds: NonNegInt = 4
+    """Cluster quality: the same graph clustered again with seeds seed+1 .. seed+this, and the
+    pairwise ARI between these and the configured clustering reported. 0 = off."""
 
 
 class ReportConfig(Cfg):

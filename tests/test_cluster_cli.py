@@ -206,14 +206,14 @@ def test_set_changes_graph_and_spectral_fields(planted, tmp_path, capsys):
     the pipeline's YAML; the summary records the values used."""
     d = planted["dir"]
     out = tmp_path / "set"
-    _ok([d / "X.npy", "--out", out, "--set", "graph.mutual=true", "--set",
+    _ok([d / "X.npy", "--out", out, "--set", "graph.neighbours=mutual", "--set",
          "spectral.kmeans_n_init=3", "--set", "graph.edge_threshold=0"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["params"]["edge_threshold"] == 0.0
     graph = json.loads((out / "graph" / "summary.json").read_text())
-    assert graph["config"]["mutual"] is True
+    assert graph["config"]["neighbours"] == "mutual"
     for bad, needle in [("graph.kk=1", "--set graph.kk: unknown key"),
-                        ("graph.mutual=maybe", "--set graph.mutual"),
+                        ("graph.neighbours=maybe", "--set graph.neighbours"),
                         ("profiles.tau=0.2", "only graph.* and spectral.*"),
                         ("graph.k", "expected section.field=VALUE")]:
         _refused([d / "X.npy", "--out", tmp_path / "bad", "--set", bad], capsys, needle)

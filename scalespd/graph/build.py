@@ -67,7 +67,7 @@ class GraphResult:
     zero_var: (n,) bool — constant columns: no neighbours, isolated, counted.
     topk_idx: (n, k) int64 local neighbour ids, best first (-1 = none).
     topk_val: (n, k) float32 correlations of those neighbours (0 where none).
-    graph: (n, n) symmetric float64 CSR weight matrix (mutual or union k-NN).
+    graph: (n, n) symmetric float64 CSR weight matrix (relative, mutual or union k-NN).
     labels: (n,) int64 connected-component id per node.
     threshold: the edge threshold used (candidates need correlation > threshold).
     summary: JSON-able record (threshold derivation, counts, sizes, timings, config)."""
@@ -414,7 +414,7 @@ def build_graph(
     topk_val[active] = np.where(ok, np.minimum(vals, 1.0), 0.0)
 
     t3 = time.perf_counter()
-    W = knn_graph(topk_idx, topk_val, n, cfg.use_mutual)
+    W = knn_graph(topk_idx, topk_val, n, cfg.neighbours, cfg.relative_strength)
     n_comp, labels = components(W)
     timings["graph_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
@@ -427,7 +427,7 @@ def build_graph(
         "n_zero_var": int(stats.zero_var.sum()),
         "zero_var_columns": cols[stats.zero_var][:1000].tolist(),
         "k": k,
-        "mutual": cfg.use_mutual,
+        "neighbours": cfg.neighbours,
         "threshold": threshold,
         "threshold_info": tinfo,
         "n_edges": int(W.nnz // 2),

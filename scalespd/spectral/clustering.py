@@ -2,13 +2,15 @@
 
 Shared by the pipeline stage (`stage.py`) and `python -m scalespd.cluster`.
 
-Always-on option (cfg.always_on_fraction): nodes active (CI > tau) on more than that fraction of
-the inputs are taken out of the graph before clustering and grouped on their own — one cluster
-of all of them ("single", default) or one cluster per connected set of them in the k-NN graph
-("connected"). Near-constant, always-active subcomponents (the TMS 5-2+ID identity pathway,
-ResidMLP's identity projection) otherwise correlate weakly with everything and get spread over
-the feature clusters (clustering paper, TMS 5-2+ID failure case). Their edges to other nodes are
-dropped; the remaining nodes keep the rest of their k-NN edges.
+Always-on option (cfg.always_on_fraction, on by default): nodes active (CI > tau) on more than
+that fraction of the inputs whose strongest correlation with any other node stays below
+cfg.always_on_max_corr ("frequent and unpartnered": the TMS identity, near-constant always-active
+pathways) correlate weakly with everything and would otherwise be spread over the feature
+clusters (the clustering paper's TMS 5-2+ID failure case). With grouping "join" (default) they
+are linked to each other in the graph and clustered with the rest, so they form one cluster
+unless their own edges tie them to others; "single" takes them out as one cluster of all of
+them, "connected" as one cluster per connected set of them in the k-NN graph (their edges to
+other nodes are dropped in both).
 
 Modes:
 - per_component (default): spectral clustering of every connected piece; isolated nodes
@@ -35,6 +37,7 @@ from scipy.sparse.csgraph import connected_components
 
 from scalespd.config import SpectralConfig
 from scalespd.graph import GraphResult
+from scalespd.graph.knn import components, strongest_weight
 from scalespd.spectral.assign import mean_correlation_to_clusters
 from scalespd.spectral.tasks import Device, cluster_graph_detailed, graph_pieces
 
@@ -79,6 +82,34 @@ def _always_on_groups(W: sp.csr_matrix, on: np.ndarray, grouping: str) -> np.nda
     return connected_components(sub, directed=False)[1].astype(np.int64)
 
 
+def always_on_nodes(graph: GraphResult, cfg: SpectralConfig,
+                    frac_active: np.ndarray | None) -> np.ndarray:
+    """(n,) bool: the always-on nodes — active on more than cfg.always_on_fraction of the inputs
+    and with no candidate neighbour correlated at cfg.always_on_max_corr or more. Without
+    frac_active (a caller that has no activity fractions) there is no always-on group."""
+    n = graph.columns.size
+    if cfg.always_on_fraction is None or frac_active is None:
+        return np.zeros(n, dtype=bool)
+    if np.shape(frac_active) != (n,):
+        raise ValueError(f"frac_active has shape {np.shape(frac_active)}, expected ({n},): one "
+                         "value per graph node")
+    unpartnered = strongest_weight(graph.topk_idx, graph.topk_val) < cfg.always_on_max_corr
+    return (np.asarray(frac_active) > cfg.always_on_fraction) & unpartnered
+
+
+def join_nodes(W: sp.csr_matrix, on: np.ndarray) -> sp.csr_matrix:
+    """W (n, n) with every pair of the `on` nodes linked at the median edge weight of W (1 if W
+    has no edges); existing heavier links stay. O(a^2) new entries for a always-on nodes."""
+    idx = np.flatnonzero(on)
+    weight = float(np.median(W.data)) if W.nnz else 1.0
+    r, c = np.meshgrid(idx, idx, indexing="ij")
+    off = r != c
+    clique = sp.csr_matrix((np.full(int(off.sum()), weight), (r[off], c[off])), shape=W.shape)
+    out = sp.csr_matrix(W.maximum(clique))
+    out.sort_indices()
+    return out
+
+
 def cluster_alive(
     graph: GraphResult,
     cfg: SpectralConfig,
@@ -91,7 +122,8 @@ def cluster_alive(
 ) -> AliveClustering:
     """Cluster the n nodes of `graph` (its columns are the alive global column ids).
 
-    frac_active (n,): needed when cfg.always_on_fraction is set. profiles: the (M, N_total)
+    frac_active (n,): fraction of inputs each node is active on, for the always-on group (None:
+    no group). profiles: the (M, N_total)
     matrix the graph was built from, needed in largest_component mode."""
     t0 = time.perf_counter()
     n = graph.columns.size
@@ -100,19 +132,21 @@ def cluster_alive(
     labels = np.full(n, -1, dtype=np.int64)
     info: dict[str, Any] = {"mode": cfg.mode, "n_nodes": n}
 
-    on = np.zeros(n, dtype=bool)
-    if cfg.always_on_fraction is not None:
-        if frac_active is None or np.shape(frac_active) != (n,):
-            raise ValueError("spectral.always_on_fraction needs frac_active for every graph node")
-        on = np.asarray(frac_active) > cfg.always_on_fraction
+    on = always_on_nodes(graph, cfg, frac_active)
+    info["n_always_on"] = int(on.sum())
+    pieces_of = graph.labels
+    if on.any() and cfg.always_on_grouping == "join":
+        W = join_nodes(W, on)
+        pieces_of = components(W)[1]
+    elif on.any():
         # Offset keeps group ids apart from the spectral ids until the global renumbering.
         labels[on] = _always_on_groups(W, on, cfg.always_on_grouping) + n
-    info["n_always_on"] = int(on.sum())
+    taken_out = on if cfg.always_on_grouping != "join" else np.zeros(n, dtype=bool)
 
-    rest = np.flatnonzero(~on)
+    rest = np.flatnonzero(~taken_out)
     W_rest = W[rest][:, rest].tocsr()
     if cfg.mode == "per_component":
-        res = cluster_graph_detailed(W_rest, graph.labels[rest], cfg, node_keys=keys[rest],
+        res = cluster_graph_detailed(W_rest, pieces_of[rest], cfg, node_keys=keys[rest],
                                      use_ray=use_ray, device=device, progress=progress)
         labels[rest] = res.labels
     else:

@@ -128,11 +128,11 @@ def test_bad_shapes_and_selections() -> None:
 
 def test_k_not_smaller_than_alive_count_keeps_all_candidates(caplog) -> None:
     """Documented outcome: a log line (not a warning: the toys meet it routinely), and every
-    node keeps all candidates above the threshold (with k ≥ n the mutual k-NN graph is the
-    thresholded correlation graph)."""
+    node keeps all candidates above the threshold (with k ≥ n the mutual or union k-NN graph is
+    the thresholded correlation graph)."""
     X, _ = block_profiles(n_rows=400, n_cols=6, n_blocks=2, signal=1.0, seed=1)
     with caplog.at_level("INFO", logger="scalespd.graph.build"):
-        res = build_graph(X, GraphConfig(k=10, edge_threshold=0.0))
+        res = build_graph(X, GraphConfig(k=10, edge_threshold=0.0, neighbours="mutual"))
     assert "is not smaller than the 6 non-constant columns" in caplog.text
     C = brute_corr(X)
     assert res.topk_idx.shape == (6, 10)

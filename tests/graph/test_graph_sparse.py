@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
-from graph_reference import assert_topk_matches, brute_corr, brute_topk, mutual_edges
+from graph_reference import assert_topk_matches, brute_corr, brute_topk, reference_edges
 from sparse_profiles import lm_like_profiles
 from synthetic_graph import block_profiles
 
@@ -76,7 +76,7 @@ def test_sparse_equals_dense_equals_brute_force(seed: int, constant_column: bool
     ref_v, ref_i = brute_topk(C, 5, sparse.threshold)
     np.testing.assert_array_equal(sparse.topk_idx, ref_i)
     assert sparse.summary["n_edges"] > 20  # a graph worth comparing
-    assert mutual_edges(sparse.topk_idx, sparse.summary["mutual"]) == _edges(sparse)
+    assert reference_edges(C, sparse.topk_idx, sparse.summary["neighbours"]) == _edges(sparse)
     # Edge cases: all-zero column 0 (and constant column 2) isolated; the duplicate pair is an
     # edge of correlation 1.
     assert sparse.zero_var[0] and (sparse.zero_var[2] == constant_column)

@@ -104,7 +104,8 @@ def test_planted_mechanisms_separate_with_auto_and_merge_with_paper_settings() -
     assert adjusted_rand_score(truth, auto.labels) == 1.0
     assert auto.summary["n_components"] == 300
 
-    paper = build_graph(X, GraphConfig(k=10, edge_threshold=0.0, tile_cols=512))
+    paper = build_graph(X, GraphConfig(k=10, edge_threshold=0.0, neighbours="mutual",
+                                       tile_cols=512))
     coo = paper.graph.tocoo()
     assert np.mean(truth[coo.row] != truth[coo.col]) > 0.1
     assert paper.summary["largest_components"][0] > 0.5 * X.shape[1]

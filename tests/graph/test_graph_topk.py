@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graph_reference import TOL, assert_topk_matches, brute_corr, brute_topk, mutual_edges
+from graph_reference import TOL, assert_topk_matches, brute_corr, brute_topk, reference_edges
 from synthetic_graph import block_profiles
 
 from scalespd.config import GraphConfig
@@ -102,29 +102,29 @@ CASES = [
 
 @pytest.mark.parametrize("name,m,n,tile,chunk", CASES)
 @pytest.mark.parametrize("threshold", [0.0, 0.06])
-@pytest.mark.parametrize("mutual", [True, False])
+@pytest.mark.parametrize("neighbours", ["relative", "mutual", "union"])
 def test_random_matches_brute_force(
-    name: str, m: int, n: int, tile: int, chunk: int, threshold: float, mutual: bool
+    name: str, m: int, n: int, tile: int, chunk: int, threshold: float, neighbours: str
 ) -> None:
     X = _random(m, n, seed=m + n)
     k = 7
     cfg = GraphConfig(k=k, edge_threshold=threshold, tile_cols=tile, row_chunk=chunk,
-                      mutual=mutual)
+                      neighbours=neighbours)
     res = build_graph(X, cfg)
     C = brute_corr(X)
     amb = assert_topk_matches(C, k, threshold, res.topk_idx, res.topk_val)
     assert amb.mean() < 0.02
-    _check_graph(res, C, k, threshold, mutual, amb)
+    _check_graph(res, C, k, threshold, neighbours, amb)
 
 
-def _check_graph(res, C: np.ndarray, k: int, threshold: float, mutual: bool,
+def _check_graph(res, C: np.ndarray, k: int, threshold: float, neighbours: str,
                  amb: np.ndarray) -> None:
     _, ref_i = brute_topk(C, k, threshold)
     W = res.graph
     assert (W != W.T).nnz == 0, "graph must be exactly symmetric"
     coo = W.tocoo()
     got = {(int(i), int(j)) for i, j in zip(coo.row, coo.col, strict=True) if i < j}
-    ref = mutual_edges(ref_i, mutual)
+    ref = reference_edges(C, ref_i, neighbours)
     touched = set(np.flatnonzero(amb).tolist())
     diff = {e for e in got ^ ref if not (set(e) & touched)}
     assert not diff, f"edges differ from brute force: {sorted(diff)[:5]}"
@@ -137,11 +137,12 @@ def _check_graph(res, C: np.ndarray, k: int, threshold: float, mutual: bool,
 def test_block_structured_matches_brute_force(threshold: float) -> None:
     X, block = block_profiles(n_rows=700, n_cols=230, n_blocks=12, signal=0.8, seed=1)
     k = 5
-    cfg = GraphConfig(k=k, edge_threshold=threshold, mutual=True, tile_cols=48, row_chunk=160)
+    cfg = GraphConfig(k=k, edge_threshold=threshold, neighbours="mutual", tile_cols=48,
+                      row_chunk=160)
     res = build_graph(X, cfg)
     C = brute_corr(X)
     amb = assert_topk_matches(C, k, threshold, res.topk_idx, res.topk_val)
-    _check_graph(res, C, k, threshold, True, amb)
+    _check_graph(res, C, k, threshold, "mutual", amb)
     if threshold > 0:  # blocks correlate ~0.4, chance ~0.15: edges stay inside blocks
         coo = res.graph.tocoo()
         assert coo.nnz > 0 and np.all(block[coo.row] == block[coo.col])

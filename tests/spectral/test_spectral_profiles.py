@@ -44,9 +44,9 @@ def test_large_mechanisms_defaults_vs_mutual_knn():
     sizes = np.concatenate([rng.integers(1, 10, size=30), rng.integers(10, 41, size=8)])
     X, truth = planted_profiles(sizes, 3000, n_dead=20, n_constant=2, seed=1)
     alive, graph, res = _run(X, GraphConfig(), SpectralConfig())
-    assert not graph.summary["mutual"]
+    assert graph.summary["neighbours"] == "relative"
     assert adjusted_rand_score(truth[alive], res.labels) >= 0.95
-    alive_m, _, res_m = _run(X, GraphConfig(mutual=True), SpectralConfig())
+    alive_m, _, res_m = _run(X, GraphConfig(neighbours="mutual"), SpectralConfig())
     assert adjusted_rand_score(truth[alive_m], res_m.labels) < 0.9
 
 
@@ -60,7 +60,8 @@ def test_hundreds_of_small_mechanisms_defaults_vs_paper_settings():
     alive, graph, res = _run(X, GraphConfig(), SpectralConfig())
     assert adjusted_rand_score(truth[alive], res.labels) >= 0.95
     assert graph.threshold > 0
-    alive_p, graph_p, res_p = _run(X, GraphConfig(edge_threshold=0.0, k=10), SpectralConfig())
+    paper = GraphConfig(edge_threshold=0.0, k=10, neighbours="mutual")
+    alive_p, graph_p, res_p = _run(X, paper, SpectralConfig(always_on_fraction=None))
     assert np.bincount(graph_p.labels).max() > alive_p.size // 2  # a giant component
     assert adjusted_rand_score(truth[alive_p], res_p.labels) < 0.5
 
@@ -89,7 +90,7 @@ def test_largest_component_mode_assigns_by_mean_correlation():
     first = np.flatnonzero(truth <= 2)
     X[:, first] = np.clip(X[:, first] + 0.3 * X[:, first[:1]], 0, 1)
     scfg = SpectralConfig(mode="largest_component")
-    alive, graph, res = _run(X, GraphConfig(mutual=False), scfg, profiles=X)
+    alive, graph, res = _run(X, GraphConfig(neighbours="union"), scfg, profiles=X)
     sizes = np.bincount(graph.labels)
     big = np.flatnonzero(graph.labels == np.argmax(sizes))
     assert big.size > 9
@@ -131,7 +132,8 @@ def test_always_on_columns_form_their_own_group(grouping):
     X, truth, frac = _with_always_on(6)
     alive = np.flatnonzero(X.max(axis=0) > TAU)
     graph = build_graph(X, GraphConfig(), columns=alive)
-    cfg = SpectralConfig(always_on_fraction=0.9, always_on_grouping=grouping)
+    cfg = SpectralConfig(always_on_fraction=0.9, always_on_max_corr=1.0,
+                         always_on_grouping=grouping)
     res = cluster_alive(graph, cfg, frac_active=frac[alive], use_ray=False)
     on = frac[alive] > 0.9
     assert res.always_on.tolist() == on.tolist() and on.sum() == 6
@@ -145,11 +147,16 @@ def test_always_on_columns_form_their_own_group(grouping):
     # Always-on nodes share no cluster with feature nodes, which are recovered.
     assert not set(groups.tolist()) & set(res.labels[~on].tolist())
     assert adjusted_rand_score(truth[alive][~on], res.labels[~on]) >= 0.95
-    # Without the option they are pulled into a feature cluster (the paper's failure mode).
-    off = cluster_alive(graph, SpectralConfig(), use_ray=False).labels
+    # Without the option, on a union k-NN graph, they are pulled into a feature cluster (the
+    # paper's failure mode); the default relative edges alone already keep them apart.
+    no_group = SpectralConfig(always_on_fraction=None)
+    union = build_graph(X, GraphConfig(neighbours="union"), columns=alive)
+    off = cluster_alive(union, no_group, use_ray=False).labels
     assert set(off[on].tolist()) & set(off[~on].tolist())
+    rel = cluster_alive(graph, no_group, use_ray=False).labels
+    assert not set(rel[on].tolist()) & set(rel[~on].tolist())
     with pytest.raises(ValueError, match="frac_active"):
-        cluster_alive(graph, cfg, use_ray=False)
+        cluster_alive(graph, cfg, frac_active=frac[:3], use_ray=False)
 
 
 def test_order_by_keys_keeps_minus_one():
