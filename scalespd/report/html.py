@@ -151,6 +151,39 @@ def _cluster_rows(table: list[dict[str, Any]], max_rows: int, max_members: int) 
                          rows, raw=True)
 
 
+def _quality(q: dict[str, Any], max_rows: int) -> str:
+    """The "Cluster quality (no ground truth)" section from summary["quality"]."""
+    res, seeds = q["resample_ari"], q["seed_ari"]
+    rows = [
+        ["non-singleton clusters scored", _num(q["n_clusters_scored"])],
+        ["coherence: median / mean (mean pairwise Pearson r of members, first "
+         f"{_num(q.get('n_rows_sample'))} rows)",
+         f"{_num(q['median_coherence'])} / {_num(q['mean_coherence'])}"],
+        ["margin: median (coherence − strongest outside link in the top-k lists)",
+         _num(q["median_margin"])],
+        ["stability: median (best Jaccard overlap with a cluster of a row half, mean over "
+         "halves)", _num(q.get("median_stability"))],
+        [f"ARI between random row halves: mean / min (repeats: {_num(res.get('repeats'))})",
+         "off" if not res.get("repeats") else f"{_num(res['mean'])} / {_num(res['min'])}"],
+        [f"ARI between seeds: mean / min (clusterings: {_num(seeds.get('n_clusterings'))})",
+         "off" if seeds.get("mean") is None else f"{_num(seeds['mean'])} / "
+                                                 f"{_num(seeds['min'])}"],
+    ]
+    per = q["per_cluster"]
+    note = ""
+    if len(per) > max_rows:
+        note = (f"<p>Showing the {max_rows} largest of {len(per)} non-singleton clusters; all "
+                "are in <a href='summary.json'>summary.json</a>.</p>")
+    table = _table(["cluster", "size", "coherence", "nearest outside", "margin", "stability"],
+                   [[r["cluster"], r["size"], _num(r["coherence"]), _num(r["nearest"]),
+                     _num(r["margin"]), _num(r["stability"])] for r in per[:max_rows]])
+    return ("<h2>Cluster quality (no ground truth)</h2>"
+            "<p>How tight, separated and reproducible the clusters are, from the profiles "
+            "alone (spectral/quality.json). Stability ≥ 0.75 is commonly read as a stable "
+            "cluster, ≤ 0.5 as one that dissolves.</p>"
+            + _table(["quantity", "value"], rows) + note + table)
+
+
 def render_html(
     cfg: RunConfig,
     summary: dict[str, Any],
@@ -172,6 +205,8 @@ def render_html(
                + [["report", _num(summary.get("report_seconds"))]]),
         "<h2>Summary</h2>", _key_numbers(summary),
     ]
+    if summary.get("quality"):
+        parts.append(_quality(summary["quality"], cfg.report.max_table_rows))
     if gt_tables:
         parts += ["<h2>Ground truth</h2>",
                   "<p>Each alive subcomponent is mapped to the input feature with its largest "

@@ -64,6 +64,9 @@ class RunArtifacts:
     # Language-model targets: token / sequence / position per profile row, token texts,
     # ablation results, decomposition metrics (`scalespd.report.lm_inputs`); None for toys.
     lm: LMInputs | None = None
+    # The spectral stage's cluster quality without ground truth (spectral/quality.json,
+    # `scalespd.spectral.quality`); None when absent (a run directory from before it existed).
+    quality: dict[str, Any] | None = None
 
     @property
     def alive(self) -> pd.DataFrame:
@@ -113,6 +116,18 @@ def read_alternative(spectral_dir: Path, components: pd.DataFrame, alive_ids: np
         raise ReportInputError(f"{spectral_dir / 'spectra.json'}: no 'alternative' record for "
                                f"{path.name}; re-run the spectral stage")
     return {**meta, "clusters": table.loc[alive_ids, "cluster"].to_numpy(dtype=np.int64)}
+
+
+def read_quality(spectral_dir: Path) -> dict[str, Any] | None:
+    """spectral/quality.json (`scalespd.spectral.quality`), or None when it is absent."""
+    path = spectral_dir / "quality.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, dict) or not isinstance(raw.get("clusters"), list):
+        raise ReportInputError(f"{path}: not a cluster-quality document (no 'clusters' list); "
+                               "re-run the spectral stage")
+    return raw
 
 
 def read_evaluation(evaluate_dir: Path, components: pd.DataFrame) -> dict[str, Any]:
@@ -193,8 +208,9 @@ def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix |
 
 
 def load_run(run_dir: Path) -> RunArtifacts:
-    """Read profiles/components.csv, spectral/clusters.csv + spectra.json, graph/,
-    manifest.json, evaluate/ and, for language models, the token inputs from a run directory."""
+    """Read profiles/components.csv, spectral/clusters.csv + spectra.json (+ quality.json),
+    graph/, manifest.json, evaluate/ and, for language models, the token inputs from a run
+    directory."""
     from scalespd.report.lm_inputs import read_lm_inputs  # noqa: PLC0415  (it imports this)
 
     run_dir = Path(run_dir)
@@ -224,6 +240,7 @@ def load_run(run_dir: Path) -> RunArtifacts:
         alternative=read_alternative(run_dir / "spectral", components, alive_ids),
         **read_evaluation(run_dir / "evaluate", components),
         lm=read_lm_inputs(run_dir, manifest),
+        quality=read_quality(run_dir / "spectral"),
     )
 
 

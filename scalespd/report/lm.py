@@ -68,6 +68,8 @@ def lm_report(cfg: RunConfig, art: RunArtifacts, table: list[dict[str, Any]], ou
                              [groups[r["cluster"]] for r in multi], tok_idx, len(vocab), tau,
                              N_CONTEXTS, block_rows)
     ablation = _ablation_by_cluster(lm.ablation)
+    # Cluster quality without ground truth (spectral/quality.json), when the stage wrote it.
+    quality = {int(r["cluster"]): r for r in (art.quality or {}).get("clusters", [])}
     records = []
     for k, row in enumerate(multi):
         rec: dict[str, Any] = {key: row[key] for key in (
@@ -77,6 +79,8 @@ def lm_report(cfg: RunConfig, art: RunArtifacts, table: list[dict[str, Any]], ou
             rec.update(_cluster_tokens(scan, k, vocab, token_rows, lm))
             rec["contexts"] = _contexts(scan, k, lm, tau)
         rec["ablation"] = ablation.get(row["cluster"])
+        q = quality.get(int(row["cluster"]), {})
+        rec.update({k: q.get(k) for k in ("coherence", "margin", "stability")})
         records.append(rec)
     write_json_atomic(out_dir / CLUSTERS_LM_FILE, records)
 

@@ -146,7 +146,8 @@ def _ablation(cfg: RunConfig, ab: dict[str, Any], tested: list[dict[str, Any]]) 
 
 def _cluster_table(cfg: RunConfig, records: list[dict[str, Any]]) -> str:
     header = ["cluster", "size", "layers", "composition", "modules", "active rows",
-              "top tokens (mean activation, active rows / rows)", "top contexts", "ablation"]
+              "top tokens (mean activation, active rows / rows)", "top contexts", "ablation",
+              "coherence / margin / stability"]
     body = []
     for r in records[: cfg.report.max_table_rows]:
         toks = "<br>".join(f"{_tok(t['text'])} {t['mean_activation']:.2f} "
@@ -157,7 +158,8 @@ def _cluster_table(cfg: RunConfig, records: list[dict[str, Any]]) -> str:
         cells = [_e(r["cluster"]), _e(r["size"]),
                  _e(f"{r['layer_span']}: {_num(r['layers'])}"), _e(r["composition"]),
                  _e(", ".join(f"{k}×{v}" for k, v in r["modules"].items())),
-                 _e(_num(r.get("n_active"))), toks, ctxs, _e(ab)]
+                 _e(_num(r.get("n_active"))), toks, ctxs, _e(ab),
+                 _e(" / ".join(_num(r.get(k)) for k in ("coherence", "margin", "stability")))]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     note = ""
     if len(records) > cfg.report.max_table_rows:

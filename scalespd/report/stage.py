@@ -5,7 +5,9 @@ toy targets against their known mechanisms (the evaluate stage's CI on one-hot i
 ground truth). It only reads files: no model, no torch. When the
 spectral stage also clustered the graph with the other always-on setting
 (spectral/clusters_alternative.csv), both scorings are in the report (the TMS 5-2+ID failure
-case). For language models (profiles/inputs.zarr holds token ids) it adds what each cluster
+case). The spectral stage's cluster quality without ground truth (spectral/quality.json:
+coherence, separation, stability) becomes summary["quality"] and its own HTML section. For
+language models (profiles/inputs.zarr holds token ids) it adds what each cluster
 responds to, per-module statistics and the ablation test (`scalespd.report.lm`).
 `build_report` does the work and is what tests drive.
 """
@@ -125,6 +127,8 @@ def build_report(
     }
     if art.graph is not None:
         summary["edges"] = edge_stats(art.graph, art.clusters)
+    if art.quality is not None:
+        summary["quality"] = quality_summary(art.quality)
 
     figures: list[dict[str, str]] = []
     sample = heatmap_sample(art.clusters, cfg.report.max_heatmap_nodes)
@@ -272,6 +276,29 @@ def heatmap_sample(clusters: np.ndarray, cap: int) -> np.ndarray:
     if total < cap:
         picked.append(np.flatnonzero(clusters < 0)[: cap - total])
     return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+
+
+QUALITY_FIELDS = ("cluster", "size", "coherence", "nearest", "margin", "stability")
+
+
+def quality_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """summary["quality"] from spectral/quality.json (`scalespd.spectral.quality`): headline
+    numbers and every non-singleton cluster's record (largest first; the HTML shows the first
+    report.max_table_rows)."""
+    res, seeds = doc.get("resample") or {}, doc.get("seeds") or {}
+    return {
+        "n_clusters_scored": doc.get("n_clusters_scored"),
+        "n_rows_sample": doc.get("n_rows_sample"),
+        "median_coherence": doc.get("median_coherence"),
+        "mean_coherence": doc.get("mean_coherence"),
+        "median_margin": doc.get("median_margin"),
+        "median_stability": doc.get("median_stability"),
+        "resample_ari": {"mean": res.get("ari_mean"), "min": res.get("ari_min"),
+                         "repeats": res.get("repeats", 0)},
+        "seed_ari": {"mean": seeds.get("ari_mean"), "min": seeds.get("ari_min"),
+                     "n_clusterings": len(seeds.get("seeds", []))},
+        "per_cluster": [{k: r.get(k) for k in QUALITY_FIELDS} for r in doc["clusters"]],
+    }
 
 
 def _graph_summary(art: RunArtifacts) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 Writes `spectral/clusters.csv` (DESIGN §4 "Clusters") and `spectral/spectra.json` (per solved
 piece: key = smallest global column id, size, depth, eigenvalues, chosen K, solver; plus the
 clustering info), and `spectral/clusters_alternative.csv` when the "report both" clustering with
-the other always-on setting can differ (see `scalespd.spectral.alternative`). spectra.json is
-written last, each file atomically, so its presence marks a complete output; a re-run simply
+the other always-on setting can differ (see `scalespd.spectral.alternative`), and
+`spectral/quality.json`: the clustering's quality without ground truth (coherence, separation,
+stability under row resampling and under other seeds; `scalespd.spectral.quality`). spectra.json
+is written last, each file atomically, so its presence marks a complete output; a re-run simply
 recomputes them (the stage takes seconds).
 """
 
@@ -30,6 +32,7 @@ from scalespd.spectral.clustering import (
     cluster_summary,
     clusters_table,
 )
+from scalespd.spectral.quality import QUALITY_FILE, cluster_quality, headline
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     check_graph_matches(graph, meta, str(run_dir / "graph"))
     by_id = meta.set_index("component")
     frac = by_id.loc[graph.columns, "frac_active"].to_numpy(np.float64)
-    profiles = open_profiles(run_dir / "profiles") if scfg.mode == "largest_component" else None
+    X = open_profiles(run_dir / "profiles")
+    profiles = X if scfg.mode == "largest_component" else None
 
     ensure_ray(cfg.ray)
     device = resolve_device(scfg.device)
@@ -101,6 +105,15 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                                 "always_on_fraction": alt_cfg.always_on_fraction,
                                 "n_always_on": alt.info["n_always_on"],
                                 "n_clusters": cluster_summary(alt_table)["n_clusters"]}
+    # Quality without ground truth, written before spectra.json (which marks completion).
+    (out_dir / SPECTRA_FILE).unlink(missing_ok=True)
+    (out_dir / QUALITY_FILE).unlink(missing_ok=True)
+    quality = cluster_quality(X, graph, result.labels, cfg.graph, scfg, frac_active=frac,
+                              graph_device=resolve_device(cfg.graph.device), device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / QUALITY_FILE, quality, indent=1)
+    log.info("spectral quality: %s (%.1f s)", headline(quality),
+             quality["timings"]["total_s"])
     write_outputs(out_dir, table, result, extra)
     log.info("spectral: %d clusters (%d singletons) from %d alive nodes in %.1f s",
              summary["n_clusters"], summary["n_singletons"], graph.columns.size,
@@ -108,4 +121,6 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     sizes = summary.pop("cluster_sizes")
     return {**summary, "largest_clusters": sizes[:10], "n_always_on": result.info["n_always_on"],
             "n_pieces": result.info["n_pieces"], "n_tasks": result.info["n_tasks"],
-            "seconds": round(result.info["seconds"], 3)}
+            "seconds": round(result.info["seconds"], 3),
+            "resample_ari": (quality["resample"] or {}).get("ari_mean"),
+            "seed_ari": (quality["seeds"] or {}).get("ari_mean")}

@@ -250,3 +250,28 @@ def test_inputs_that_do_not_match_the_profiles_are_refused(tmp_path):
     art = load_run(tmp_path)
     with pytest.raises(ReportInputError, match="inputs.zarr has 10 rows"):
         build_report(lm_config(), art, tmp_path / "report")
+
+
+def test_cluster_quality_joins_the_lm_records(tmp_path):
+    """spectral/quality.json (the spectral stage's, hand-made here) reaches summary["quality"],
+    the quality section and each LM cluster record; a cluster it lacks gets nulls."""
+    write_lm_run(tmp_path, ablation=False)
+    recs = [{"cluster": 0, "size": 2, "n_scored": 2, "coherence": 0.8, "nearest": 0.1,
+             "margin": 0.7, "stability": 1.0},
+            {"cluster": 1, "size": 2, "n_scored": 2, "coherence": 0.6, "nearest": 0.0,
+             "margin": 0.6, "stability": 0.5}]
+    doc = {"n_rows_sample": 100, "n_clusters_scored": 2, "median_coherence": 0.7,
+           "mean_coherence": 0.7, "median_margin": 0.65, "median_stability": 0.75,
+           "resample": {"repeats": 1, "ari_mean": 0.9, "ari_min": 0.9},
+           "seeds": {"seeds": [0, 1], "ari_mean": 1.0, "ari_min": 1.0}, "clusters": recs}
+    (tmp_path / "spectral" / "quality.json").write_text(json.dumps(doc))
+    run(lm_config(), tmp_path)
+    q = json.loads((tmp_path / "report" / "summary.json").read_text())["quality"]
+    assert q["resample_ari"]["mean"] == 0.9 and q["seed_ari"]["min"] == 1.0
+    assert [r["cluster"] for r in q["per_cluster"]] == [0, 1]
+    lm = {r["cluster"]: r for r in json.loads(
+        (tmp_path / "report" / "clusters_lm.json").read_text())}
+    assert (lm[0]["coherence"], lm[0]["margin"], lm[0]["stability"]) == (0.8, 0.7, 1.0)
+    assert lm[2]["coherence"] is None and lm[2]["stability"] is None
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Cluster quality (no ground truth)" in page and "0.8 / 0.7 / 1" in page

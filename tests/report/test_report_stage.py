@@ -60,6 +60,17 @@ def test_stage_paper_setting_shows_failure_and_alternative(tmp_path, ray_local, 
     assert all(v > 0 for v in s["timings"].values())
     assert info["n_alive"] == s["n_alive"] and info["mechanisms_recovered"].endswith(f"/{F}")
 
+    # Cluster quality without ground truth (spectral/quality.json, read by the report).
+    q = s["quality"]
+    for k in ("n_clusters_scored", "median_coherence", "mean_coherence", "median_margin",
+              "resample_ari", "seed_ari", "per_cluster"):
+        assert k in q, k
+    assert set(q["resample_ari"]) >= {"mean", "min"} and set(q["seed_ari"]) >= {"mean", "min"}
+    assert q["n_clusters_scored"] == len(q["per_cluster"]) > 0
+    assert set(q["per_cluster"][0]) == {"cluster", "size", "coherence", "nearest", "margin",
+                                        "stability"}
+    assert "Cluster quality (no ground truth)" in (out / "index.html").read_text()
+
     truth = expected_truth()
     g = s["ground_truth"]
     assert g["mechanisms_total"] == F and g["n_feature_serving"] == 2 * F

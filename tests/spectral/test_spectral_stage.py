@@ -75,6 +75,18 @@ def test_stage_writes_clusters_and_spectra(tmp_path, ray_local):
         assert 1 <= rec["k"] <= cfg.spectral.k_max
         assert abs(rec["eigenvalues"][0]) < 1e-8  # λ_1 = 0 on a connected piece
 
+    # Cluster quality without ground truth, written before spectra.json (completion marker).
+    q = json.loads((out / "quality.json").read_text())
+    for k in ("n_clusters_scored", "median_coherence", "median_margin", "resample", "seeds",
+              "clusters", "definitions"):
+        assert k in q, k
+    assert (out / "quality.json").stat().st_mtime_ns <= (out / "spectra.json").stat().st_mtime_ns
+    assert q["n_clusters_scored"] > 0 and q["median_margin"] > 0
+    assert q["resample"]["ari_mean"] > 0.9 and q["seeds"]["ari_min"] > 0.9
+    assert {"cluster", "size", "coherence", "nearest", "margin", "stability"} <= set(
+        q["clusters"][0])
+    assert info["resample_ari"] == q["resample"]["ari_mean"]
+
     # Re-running gives byte-identical output (same seed).
     before = (out / "clusters.csv").read_bytes()
     spectral_stage.run(cfg, tmp_path)
