@@ -571,8 +571,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k-max", type=int, default=s.k_max, help="K_max (%(default)s)")
     p.add_argument("--mode", choices=["per_component", "largest_component"], default=s.mode)
     p.add_argument("--seed", type=int, default=s.seed)
-    p.add_argument("--always-on", type=float, default=None, metavar="FRACTION",
-                   help="group columns active on more than this fraction of rows separately")
+    p.add_argument("--always-on", type=_fraction_or_none, default=s.always_on_fraction,
+                   metavar="FRACTION|none",
+                   help="always-on group: columns active on more than this fraction of rows "
+                        "and without a partner (%(default)s; none: no group, the paper's)")
     p.add_argument("--no-recursive-split", action="store_true",
                    help="do not re-split components whose eigengap picks K_max")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -595,6 +597,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # Flags whose name is not the config field's.
 _FLAGS = {"always_on_fraction": "--always-on", "recursive_split": "--no-recursive-split"}
+
+
+def _fraction_or_none(text: str) -> float | None:
+    """--always-on: a number, or none / null / off for no always-on group."""
+    if text.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or 'none', got {text!r}") from None
 
 
 def _configs(args: argparse.Namespace) -> tuple[GraphConfig, SpectralConfig]:

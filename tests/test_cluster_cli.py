@@ -17,6 +17,7 @@ from synthetic_spectral import planted_profiles
 
 from scalespd.backend import cupy_gpu_available
 from scalespd.cluster import main
+from scalespd.config import SpectralConfig
 from scalespd.spectral.clustering import CLUSTER_COLUMNS
 
 SUMMARY_KEYS = {"n_components", "n_alive", "n_edges", "n_connected_components", "n_clusters",
@@ -218,3 +219,18 @@ def test_set_changes_graph_and_spectral_fields(planted, tmp_path, capsys):
                         ("graph.k", "expected section.field=VALUE")]:
         _refused([d / "X.npy", "--out", tmp_path / "bad", "--set", bad], capsys, needle)
         _no_output(tmp_path / "bad")
+
+
+def test_always_on_defaults_to_the_config_and_can_be_switched_off(planted, tmp_path, capsys):
+    """--always-on follows SpectralConfig's default; `none` is the paper's setting (no group);
+    anything else that is not a fraction is refused."""
+    d = planted["dir"]
+    _ok([d / "X.npy", "--out", tmp_path / "a"])
+    params = json.loads((tmp_path / "a" / "summary.json").read_text())["params"]
+    assert params["always_on_fraction"] == SpectralConfig().always_on_fraction
+    _ok([d / "X.npy", "--out", tmp_path / "b", "--always-on", "none"])
+    params = json.loads((tmp_path / "b" / "summary.json").read_text())["params"]
+    assert params["always_on_fraction"] is None
+    with pytest.raises(SystemExit):
+        main([str(d / "X.npy"), "--out", str(tmp_path / "c"), "--always-on", "often"])
+    assert "expected a fraction or 'none'" in capsys.readouterr().err
