@@ -42,7 +42,7 @@ def test_show_config_prints_the_resolved_config_with_meanings(
     cfg.write_text("graph:\n  k: 7\n")
     assert runmod.main([str(cfg), "--set", "spectral.k_max=9", "--show-config"]) == 0
     out = capsys.readouterr().out
-    assert "# Candidate neighbours per node: each node's k most correlated columns (above the edge" in out
+    assert "# Candidate neighbours per node: each node's k most correlated columns" in out
     shown = RunConfig.model_validate(read_yaml(out))
     assert shown.graph.k == 7 and shown.spectral.k_max == 9
     assert shown == load_config(cfg, ["spectral.k_max=9"])

@@ -37,5 +37,5 @@ def describe(scfg: SpectralConfig) -> str:
     """One line naming the always-on setting of a clustering, for the report's tables."""
     if scfg.always_on_fraction is None:
         return "paper setting: no always-on group (always_on_fraction=None)"
-    return (f"always-on grouped: active on > {scfg.always_on_fraction:g} of inputs -> own group "
-            f"({scfg.always_on_grouping})")
+    return (f"always-on grouped: active on > {scfg.always_on_fraction:g} of inputs with no "
+            f"correlation >= {scfg.always_on_max_corr:g} -> own group ({scfg.always_on_grouping})")

@@ -42,7 +42,9 @@ def _cfg(**spectral):
 
 
 def test_stage_paper_setting_shows_failure_and_alternative(tmp_path, ray_local, fake_model):
-    cfg = _cfg()  # always_on_fraction None: the paper's setting
+    # The paper's setting (no always-on group); the alternative groups by frequency alone (the
+    # fake identity pieces track feature pathways at correlations > 0.5) and takes them out.
+    cfg = _cfg(always_on_fraction=None, always_on_max_corr=1.0, always_on_grouping="single")
     run_dir = tmp_path / "run"
     _upstream_done(cfg, run_dir)
     manifest = run_pipeline(cfg, run_dir, stages=STAGES)
@@ -98,7 +100,9 @@ def test_stage_paper_setting_shows_failure_and_alternative(tmp_path, ray_local, 
 
 
 def test_stage_always_on_setting_alternative_is_paper(tmp_path, ray_local, fake_model):
-    cfg = _cfg(always_on_fraction=0.5)
+    # The fake identity pieces track feature pathways (correlation > 0.5), so only the
+    # frequency rule, taking them out of the graph, makes them their own group here.
+    cfg = _cfg(always_on_fraction=0.5, always_on_max_corr=1.0, always_on_grouping="single")
     run_dir = tmp_path / "run"
     _upstream_done(cfg, run_dir)
     run_pipeline(cfg, run_dir, stages=STAGES)
