@@ -163,3 +163,28 @@ def test_order_by_keys_keeps_minus_one():
     labels = np.array([5, -1, 5, 2, 7, 2])
     keys = np.array([10, 11, 3, 12, 0, 20])
     np.testing.assert_array_equal(order_by_keys(labels, keys), [1, -1, 1, 2, 0, 2])
+
+
+def test_unpartnered_frequent_columns_are_joined_into_one_cluster():
+    """Three columns active on ~90% of rows, independent of each other and of everything else
+    (the TMS identity's profile): the default joins them into one cluster; the paper's setting
+    leaves them as singletons. A frequent column that has a partner (a copy of it) is not
+    always-on and stays with its partner."""
+    rng = np.random.default_rng(4)
+    X, truth = planted_profiles([5, 4, 3], 2000, seed=4)
+    lone = np.clip(rng.uniform(0.3, 1.0, size=(2000, 3)) * (rng.random((2000, 3)) < 0.9), 0, 1)
+    pair_base = rng.uniform(0.3, 1.0, size=2000) * (rng.random(2000) < 0.8)
+    pair = np.stack([pair_base, np.clip(pair_base + rng.normal(0, 0.02, 2000), 0, 1)], axis=1)
+    X = np.concatenate([X, lone, pair], axis=1).astype(np.float32)
+    n0 = truth.size
+    frac = (X > TAU).mean(axis=0)
+    graph = build_graph(X, GraphConfig())
+    res = cluster_alive(graph, SpectralConfig(), frac_active=frac, use_ray=False)
+    assert res.always_on[n0:n0 + 3].all() and not res.always_on[n0 + 3:].any()
+    assert np.unique(res.labels[n0:n0 + 3]).size == 1
+    assert res.labels[n0 + 3] == res.labels[n0 + 4]
+    assert not set(res.labels[n0:]) & set(res.labels[:n0])
+    assert adjusted_rand_score(truth, res.labels[:n0]) == 1.0
+    paper = cluster_alive(graph, SpectralConfig(always_on_fraction=None), frac_active=frac,
+                          use_ray=False)
+    assert np.unique(paper.labels[n0:n0 + 3]).size == 3
