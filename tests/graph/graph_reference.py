@@ -64,12 +64,16 @@ def mutual_edges(idx: np.ndarray, mutual: bool = True) -> set[tuple[int, int]]:
 
 
 def reference_edges(C: np.ndarray, idx: np.ndarray, neighbours: str,
-                    strength: float = 0.5) -> set[tuple[int, int]]:
+                    strength: float | None = None) -> set[tuple[int, int]]:
     """Undirected edges (i < j) of the k-NN graph of top-k id lists `idx` over the correlation
     matrix C, for GraphConfig.neighbours = mutual | union | relative (a pair of the union whose
     correlation reaches `strength` times the strongest listed correlation of both nodes)."""
     if neighbours != "relative":
         return mutual_edges(idx, neighbours == "mutual")
+    if strength is None:
+        from scalespd.config import GraphConfig  # noqa: PLC0415
+
+        strength = GraphConfig().relative_strength
     best = np.array([C[i, row[0]] if row[0] >= 0 else 0.0 for i, row in enumerate(idx)])
     return {(i, j) for i, j in mutual_edges(idx, False)
             if C[i, j] >= strength * max(best[i], best[j]) - 1e-6}

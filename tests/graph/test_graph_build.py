@@ -228,7 +228,8 @@ def test_device_path_matches_brute_force(device: str) -> None:
     """The same tile functions on NumPy (CPU) and CuPy (GPU) match brute force."""
     X, _ = planted_profiles(n_mechanisms=60, n_rows=1300, seed=6)
     for thr in (0.0, "auto"):
-        cfg = GraphConfig(k=5, edge_threshold=thr, tile_cols=48, row_chunk=500)
+        cfg = GraphConfig(k=5, edge_threshold=thr, null_model="bennett", tile_cols=48,
+                          row_chunk=500)
         res = build_graph(X, cfg, device=device)
         assert_topk_matches(brute_corr(X), 5, res.threshold, res.topk_idx, res.topk_val)
         if device == "cuda":
@@ -262,7 +263,8 @@ def test_stage_writes_alive_graph_and_reuses_it(tmp_path, ray_local) -> None:
     alive = table.loc[table["alive"], "component"].to_numpy()
     assert 3 not in alive and 40 not in alive and 7 in alive
     # tile_cols 16 < alive count: the Ray path runs.
-    cfg = RunConfig(graph=GraphConfig(k=4, tile_cols=16, row_chunk=128, device="cpu"))
+    cfg = RunConfig(graph=GraphConfig(k=4, tile_cols=16, row_chunk=128, device="cpu",
+                                    null_model="bennett"))
     info = stage.run(cfg, tmp_path)
     out = tmp_path / "graph"
     res = GraphResult.load(out)

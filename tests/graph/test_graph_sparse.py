@@ -32,7 +32,9 @@ from scalespd.graph.stats import column_stats
 
 
 def _cfg(path: str, **kw: object) -> GraphConfig:
-    base: dict[str, object] = {"k": 5, "tile_cols": 48, "row_chunk": 700, "correlation": path}
+    # One threshold for all pairs: the brute-force reference applies a single threshold.
+    base: dict[str, object] = {"k": 5, "tile_cols": 48, "row_chunk": 700, "correlation": path,
+                               "null_model": "bennett"}
     return GraphConfig(**{**base, **kw})
 
 

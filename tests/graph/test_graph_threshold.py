@@ -183,7 +183,7 @@ def test_vacuous_single_threshold_falls_back_to_per_pair_thresholds() -> None:
         X[on, n_rare + 2 * p + 1] = rng.random(on.sum())
     z = _max_abs_z(X)
     assert bennett_bound(z, M, 0.01) == 1.0
-    res = build_graph(X, GraphConfig(k=3))
+    res = build_graph(X, GraphConfig(k=3, null_model="bennett"))
     info = res.summary["threshold_info"]
     assert info["pairwise"] and info["fallback"] and res.threshold < 0.2
     W = res.graph.tocoo()

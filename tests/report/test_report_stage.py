@@ -31,10 +31,11 @@ def _upstream_done(cfg, run_dir):
         manifest.mark(stage, cfg, "complete", files=[], seconds=0.5)
 
 
-def _cfg(**spectral):
+def _cfg(graph=None, **spectral):
     cfg = run_config()
     data = cfg.model_dump(mode="json")
     data["profiles"]["executor"] = "local"  # the fake model lives in the tests directory
+    data["graph"].update(graph or {})
     data["spectral"].update(spectral)
     from scalespd.config import parse_config  # noqa: PLC0415
 
@@ -44,7 +45,8 @@ def _cfg(**spectral):
 def test_stage_paper_setting_shows_failure_and_alternative(tmp_path, ray_local, fake_model):
     # The paper's setting (no always-on group); the alternative groups by frequency alone (the
     # fake identity pieces track feature pathways at correlations > 0.5) and takes them out.
-    cfg = _cfg(always_on_fraction=None, always_on_max_corr=1.0, always_on_grouping="single")
+    cfg = _cfg(graph={"neighbours": "mutual", "edge_threshold": 0.0}, always_on_fraction=None,
+               always_on_max_corr=1.0, always_on_grouping="single", assign_labels="kmeans")
     run_dir = tmp_path / "run"
     _upstream_done(cfg, run_dir)
     manifest = run_pipeline(cfg, run_dir, stages=STAGES)
