@@ -40,8 +40,10 @@ the spectral stage writes its result, the report reads it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -58,6 +60,18 @@ from scalespd.spectral.clustering import cluster_alive
 from scalespd.spectral.tasks import Device
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Raise logger `name` to WARNING for the duration of the block."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 QUALITY_FILE = "quality.json"
 # float64 working memory for the coherence of one column batch (rows × columns × 8 B): the
@@ -356,13 +370,15 @@ def cluster_quality(
         jaccards: list[np.ndarray] = []
         aris, halves_info = [], []
         for rep in range(scfg.quality_resamples):
-            # The graph code logs each half's build; say whose builds they are.
             log.info("spectral quality: resample %d/%d, graphs of two random halves of the %d "
                      "rows", rep + 1, scfg.quality_resamples, n_rows_total)
             half_labels = []
             for half in random_halves(n_rows_total, rng):
                 view = RowSample(X, half)
-                g = build_graph(view, gcfg, graph.columns, device=graph_device, use_ray=False)
+                # The half builds repeat the stage graph's own log lines; only warnings show.
+                with _quiet("scalespd.graph.build"):
+                    g = build_graph(view, gcfg, graph.columns, device=graph_device,
+                                    use_ray=False)
                 lab = recluster(g, scfg, view)
                 half_labels.append(lab)
                 jaccards.append(best_jaccard(labels, lab))
