@@ -88,3 +88,17 @@ def hub_profiles(spec: PlantedSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     X = np.clip(X + np.abs(rng.normal(0.0, spec.noise, size=X.shape)), 0.0, 1.0)
     perm = rng.permutation(X.shape[1])
     return X[:, perm].astype(np.float32), np.asarray(truth, dtype=np.int64)[perm]
+
+
+# The planted sets the clustering default is held to (tests/spectral/test_default_clustering.py)
+# and measured on (bench/clustering_default.py): name -> (spec, seed). The rarest mechanisms
+# fire on at least ~8 rows: below that a co-activation cannot be told from chance.
+PLANTED_SETS: dict[str, tuple[PlantedSpec, int]] = {
+    "hubs+always-on": (PlantedSpec(sizes=mechanism_sizes(60, 40, seed=0)), 0),
+    "many-small": (PlantedSpec(sizes=mechanism_sizes(150, 12, seed=1), n_rows=3000), 1),
+    "lone+hubs": (PlantedSpec(sizes=(1,) * 60 + (2,) * 20, n_hubs=30, n_always_on=0), 2),
+    "large": (PlantedSpec(sizes=(60, 45, 30, 25, 20) + (3,) * 10 + (2,) * 10 + (1,) * 10,
+                          n_hubs=10, rate_range=(0.005, 0.1)), 3),
+    "rare-power-law": (PlantedSpec(sizes=mechanism_sizes(80, 30, seed=4),
+                                   rate_range=(0.001, 0.1), n_rows=8000), 4),
+}
