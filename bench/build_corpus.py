@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from corpus import CORPUS_DIR, encode_profiles, load_entry  # noqa: E402
 
-from scalespd.config import load_config  # noqa: E402
+from scalespd.config import parse_config, read_yaml  # noqa: E402
 from scalespd.report.inputs import load_run  # noqa: E402
 from scalespd.report.stage import _assign, _expected_structure  # noqa: E402
 
@@ -29,7 +29,12 @@ from scalespd.report.stage import _assign, _expected_structure  # noqa: E402
 def build(run_dir: Path, max_rows: int, seed: int) -> Path:
     import zarr
 
-    cfg = load_config(run_dir / "config.yaml")
+    # The corpus needs the target, profiles and report settings only; a run made before a
+    # graph / spectral field was renamed still builds.
+    data = read_yaml((run_dir / "config.yaml").read_text())
+    data.pop("graph", None)
+    data.pop("spectral", None)
+    cfg = parse_config(data, str(run_dir / "config.yaml"))
     art = load_run(run_dir)
     if art.onehot is None:
         raise SystemExit(f"{run_dir}: no one-hot CI (not a toy run?)")
