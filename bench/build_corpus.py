@@ -1,7 +1,7 @@
 """Build the clustering regression corpus (tests/data/corpus/<name>.npz, see tests/corpus.py)
 from finished toy reproduction runs:
 
-    python bench/build_corpus.py runs/repro/tms_5-2 runs/repro/resid_mlp1 ... [--max-rows 20000]
+    python bench/build_corpus.py runs/repro/tms_5-2 runs/repro/resid_mlp1 ... [--max-rows 10000]
 
 Takes each run's alive profile columns (a seeded random subsample of at most --max-rows rows,
 kept in their original order), its components table and the evaluate stage's one-hot CI, and
@@ -69,7 +69,7 @@ def build(run_dir: Path, max_rows: int, seed: int) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--max-rows", type=int, default=20_000)
+    ap.add_argument("--max-rows", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     for r in args.runs:

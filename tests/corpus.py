@@ -3,7 +3,8 @@ reproduction run, row-subsampled, stored as float16 + zstd with their one-hot gr
 that tests re-cluster real decompositions in seconds without re-running SPD.
 
 One file per run, tests/data/corpus/<name>.npz (written by bench/build_corpus.py), holding:
-- profiles: uint8, the zstd-compressed C-order float16 bytes of the (M_sub, n) alive profiles;
+- profiles: uint8, the zstd-compressed C-order float16 bytes of the (M_sub, n) alive profiles
+  (M_sub: at most 10,000 rows, a seeded random subsample kept in order);
 - shape: (2,) int64 = (M_sub, n); n_rows_total: the run's M; row_seed: the subsample's seed;
 - columns: (n,) global column ids; names (n,) str; layers (n,) int64;
 - frac_active: (n,) fraction of all M rows with CI > tau (what the spectral stage reads);
