@@ -66,6 +66,10 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus)
+        if not log.isEnabledFor(logging.DEBUG):
+            # A Ray we start on this node for this process: its token-authentication notice
+            # ("Set RAY_AUTH_MODE=disabled to opt out") is no news to the user; shown with -v.
+            logging.getLogger(_AUTH_NOTICE).setLevel(logging.ERROR)
         # address="local": never join a cluster some earlier `ray start` left registered on
         # this machine (it would also reject num_cpus).
         ray.init(
@@ -78,6 +82,8 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
             runtime_env={"worker_process_setup_hook": "scalespd.raytools.quiet_local_workers"},
         )
 
+
+_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 # Without a dashboard (a local Ray) the State API is off, and Ray Train's placement-group
 # cleaner logs a warning about it every few seconds of training (47 lines in the default run).

@@ -75,3 +75,5 @@ def test_default_run_console_has_no_repeated_lines_warnings_or_tracebacks(tmp_pa
     warnings = [line for line in out.splitlines() if "Warning:" in line]
     assert not warnings, "Python warnings on the console:\n" + "\n".join(warnings)
     assert "Traceback (most recent call last)" not in out, out
+    # Ray's own notices about a Ray this process started stay out of the default console.
+    assert "Token authentication is enabled" not in out
