@@ -11,8 +11,8 @@ def knn_graph(
     topk_idx: np.ndarray,
     topk_val: np.ndarray,
     n: int,
-    neighbours: str = "relative",
-    relative_strength: float = 0.5,
+    neighbours: str,
+    relative_strength: float,
 ) -> sp.csr_matrix:
     """Symmetric (n, n) float64 CSR weight matrix from top-k lists.
 
@@ -20,7 +20,8 @@ def knn_graph(
     (correlations above the threshold, so the ReLU clamp is already applied). neighbours:
     "mutual" keeps (i, j) only if each is in the other's list; "union" keeps either's;
     "relative" keeps a pair of the union when its weight is at least relative_strength times
-    the strongest weight (first list entry) of both i and j — see GraphConfig.neighbours. Both
+    the strongest weight (first list entry) of both i and j — see GraphConfig.neighbours and
+    GraphConfig.relative_strength (the defaults live there only). Both
     directions of a pair carry the same weight by construction (one tile computes both), so
     min/max only decide presence."""
     if neighbours not in ("relative", "mutual", "union"):

@@ -160,6 +160,11 @@ def random_halves(n_rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np
     return np.sort(perm[:half]), np.sort(perm[half:])
 
 
+def _count(labels: np.ndarray) -> int:
+    """Number of cluster ids 0..C-1 in labels (n,) (−1 = none)."""
+    return int(labels.max()) + 1 if (labels >= 0).any() else 0
+
+
 # --------------------------------------------------------------------------------------------
 # Coherence
 # --------------------------------------------------------------------------------------------
@@ -209,7 +214,7 @@ def cluster_coherence(
     Reads only non-singleton members' columns, clusters batched so that one batch's
     (n_rows, columns) float64 block stays within `budget` (a larger cluster streams alone)."""
     labels = np.asarray(labels, dtype=np.int64)
-    n_clusters = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    n_clusters = _count(labels)
     coherence = np.full(n_clusters, np.nan)
     n_scored = np.zeros(n_clusters, dtype=np.int64)
     sizes = np.bincount(labels[labels >= 0], minlength=n_clusters)
@@ -251,7 +256,7 @@ def nearest_outside(graph: GraphResult, labels: np.ndarray) -> np.ndarray:
     member's list naming an outsider, or an outsider's naming a member); 0 when there is none.
     labels: (n,)."""
     labels = np.asarray(labels, dtype=np.int64)
-    n_clusters = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    n_clusters = _count(labels)
     out = np.zeros(n_clusters)
     idx = np.asarray(graph.topk_idx)
     val = np.asarray(graph.topk_val, dtype=np.float64)
@@ -288,10 +293,10 @@ def best_jaccard(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
     (0 when no member of c is in a cluster of `other`). labels, other: (n,), −1 = none."""
     labels = np.asarray(labels, dtype=np.int64)
     other = np.asarray(other, dtype=np.int64)
-    n_clusters = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    n_clusters = _count(labels)
     out = np.zeros(n_clusters)
     size_c = np.bincount(labels[labels >= 0], minlength=n_clusters)
-    n_other = int(other.max()) + 1 if (other >= 0).any() else 0
+    n_other = _count(other)
     size_d = np.bincount(other[other >= 0], minlength=n_other)
     both = (labels >= 0) & (other >= 0)
     if not both.any():
@@ -346,7 +351,7 @@ def cluster_quality(
     t0 = time.perf_counter()
     labels = np.asarray(labels, dtype=np.int64)
     n_rows_total = int(X.shape[0])
-    n_clusters = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    n_clusters = _count(labels)
     sizes = np.bincount(labels[labels >= 0], minlength=n_clusters)
     timings: dict[str, float] = {}
 
@@ -384,8 +389,7 @@ def cluster_quality(
                 jaccards.append(best_jaccard(labels, lab))
                 halves_info.append({"n_rows": int(half.size), "n_edges": int(g.graph.nnz // 2),
                                     "threshold": float(g.threshold),
-                                    "n_clusters": int(lab.max()) + 1 if (lab >= 0).any()
-                                    else 0})
+                                    "n_clusters": _count(lab)})
             aris.append(ari(*half_labels))
         stability = np.mean(jaccards, axis=0)
         resample = {"repeats": scfg.quality_resamples, "ari": aris,
@@ -404,7 +408,7 @@ def cluster_quality(
         seeds = {"seeds": [scfg.seed + s for s in range(scfg.quality_seeds + 1)],
                  "n_pairs": len(pair), "ari_mean": float(np.mean(pair)),
                  "ari_min": float(np.min(pair)),
-                 "n_clusters": [int(r.max()) + 1 if (r >= 0).any() else 0 for r in runs]}
+                 "n_clusters": [_count(r) for r in runs]}
     timings["seeds_s"] = time.perf_counter() - t2
 
     multi = np.flatnonzero(sizes > 1)
