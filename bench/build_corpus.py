@@ -27,7 +27,7 @@ from scalespd.report.stage import _assign, _expected_structure  # noqa: E402
 
 
 def build(run_dir: Path, max_rows: int, seed: int) -> Path:
-    import zarr
+    from scalespd.profiles.reader import open_ci
 
     # The corpus needs the target, profiles and report settings only; a run made before a
     # graph / spectral field was renamed still builds.
@@ -42,12 +42,12 @@ def build(run_dir: Path, max_rows: int, seed: int) -> Path:
     ids = np.asarray(art.alive_ids, dtype=np.int64)
     assignment = _assign(cfg, art.onehot[:, ids], art)
     feature_layers, _ = _expected_structure(cfg, art)
-    ci = zarr.open_array(str(run_dir / "profiles" / "ci.zarr"), mode="r")
+    ci = open_ci(run_dir / "profiles" / "ci.zarr")  # dense or sparse layout
     M = int(ci.shape[0])
     rows = np.arange(M)
     if M > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(M, size=max_rows, replace=False))
-    X = np.asarray(ci.get_orthogonal_selection((rows, ids)), dtype=np.float32)
+    X = np.asarray(ci.get_orthogonal_selection((slice(0, M), ids)), dtype=np.float32)[rows]
     out = CORPUS_DIR / f"{cfg.name}.npz"
     CORPUS_DIR.mkdir(parents=True, exist_ok=True)
     np.savez(

@@ -84,7 +84,7 @@ from scalespd.errors import (
     UserError,
     storage_error,
 )
-from scalespd.graph.source import NpyFile, RowSubset, peak_rss_mb
+from scalespd.graph.source import NpyFile, RowSubset, peak_rss_mb, row_subset
 from scalespd.graph.sparse_io import SparseBlocks, as_row_sliceable, is_sparse_rows
 from scalespd.graph.sparse_plan import BLOCK_NNZ, block_rows_for
 from scalespd.graph.sparse_stats import block_moments, entry_columns
@@ -193,7 +193,7 @@ def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str
     log.warning("--allow-partial: %s holds an unfinished harvest; clustering only the %d rows "
                 "of its %d finished row blocks (of %d blocks, %d rows)", profiles_dir, rows,
                 len(done), layout.n_blocks, M)
-    return RowSubset(arr, ranges), info
+    return row_subset(arr, tuple(ranges)), info
 
 
 def open_sparse(path: Path) -> sp.csr_matrix:
@@ -233,10 +233,14 @@ def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str,
     else:
         import zarr  # noqa: PLC0415
 
+        from scalespd.profiles.sparse_store import is_sparse_store  # noqa: PLC0415
         from scalespd.profiles.store import ATTR_KEY  # noqa: PLC0415
 
         # A profiles directory, or its ci.zarr passed directly, or any other zarr array.
         target = path / "ci.zarr" if (path / "ci.zarr").exists() else path
+        if target.name == "ci.zarr" and is_sparse_store(target):
+            # The sparse layout of a scalespd harvest (a zarr group of CSR row blocks).
+            return _checked_shape(path, *open_harvest(target.parent, allow_partial))
         try:
             X = zarr.open_array(str(target), mode="r")
         except Exception as err:  # noqa: BLE001  (zarr raises several types for "no array")
@@ -246,6 +250,12 @@ def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str,
         # An array a scalespd harvest wrote: the pipeline's completeness check applies.
         if target.name == "ci.zarr" and ATTR_KEY in X.attrs:
             X, partial = open_harvest(target.parent, allow_partial)
+    return _checked_shape(path, X, partial)
+
+
+def _checked_shape(path: Path, X: Any, partial: dict[str, Any] | None
+                   ) -> tuple[Any, dict[str, Any] | None]:
+    """(X, partial) after checking that X is a 2-D numeric matrix with enough rows."""
     if len(X.shape) != 2:
         raise InputError(
             f"PROFILES {path} must be a 2-D array (M rows = inputs, N columns = subcomponents); "

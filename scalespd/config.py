@@ -418,13 +418,23 @@ class ProfilesConfig(Cfg):
     samples_per_feature: PosInt = 200
     """Rows per feature block of the `structured` dataset."""
     chunk_rows: PosInt = 4096
-    """Rows per chunk of ci.zarr."""
+    """Rows per chunk of ci.zarr (and inputs.zarr)."""
     chunk_cols: PosInt = 1024
-    """Columns per chunk of ci.zarr."""
+    """Columns per chunk of a dense ci.zarr."""
     block_rows: PosInt = 4096
     """Rows per harvest task; a multiple of chunk_rows so writers own whole chunks."""
     dtype: Literal["float16", "float32"] = "float32"
     """Storage dtype of ci.zarr."""
+    storage: Literal["sparse", "dense"] = "sparse"
+    """Layout of ci.zarr. "sparse": a CSR row block per harvest block (indptr / indices /
+    values; only values >= zero_below are stored), read back as scipy CSR by the graph stage's
+    co-activation path; a language model's CI is ~2-5% non-zero. "dense": one (M, N) array
+    chunked (chunk_rows, chunk_cols). Both hold the same values; every stage reads either."""
+    zero_below: Annotated[float, Field(ge=0, lt=1, strict=True)] = 1e-3
+    """CI values below this floor are stored as exact zeros (both layouts), so "co-active" means
+    both values >= zero_below. 1e-3 keeps every value a correlation can notice (on the
+    lm_tiny run it zeroes 0.07% of the non-zeros) while CI
+    functions' tiny leaks stop counting as activity. 0 keeps every non-zero value."""
     tau: Fraction = 0.1
     """Alive filter: a subcomponent is alive iff max_x g(x) > tau."""
     seed: Int = 1
@@ -446,6 +456,13 @@ class ProfilesConfig(Cfg):
     save_inputs: Bool = True
     """Store each row's input in profiles/inputs.zarr (toys: the input vector; LMs: token ids,
     sequence ids and positions)."""
+
+    @model_validator(mode="after")
+    def _floor_below_tau(self) -> ProfilesConfig:
+        if self.zero_below > self.tau:
+            raise ValueError(f"zero_below ({self.zero_below}) must not exceed tau ({self.tau}): "
+                             "a floor above the alive threshold would hide activity")
+        return self
 
     @model_validator(mode="after")
     def _blocks_hold_whole_chunks(self) -> ProfilesConfig:

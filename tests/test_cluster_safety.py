@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import zarr
 from synthetic_graph import planted_profiles
 
@@ -161,31 +162,42 @@ def test_overwrite_replaces_only_what_an_earlier_run_recorded(ci, tmp_path, caps
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def harvests(tmp_path_factory) -> dict:
+@pytest.fixture(scope="module", params=["dense", "sparse"])
+def harvests(tmp_path_factory, request) -> dict:
     """A finished harvest (400 rows in 7 blocks of 64) and a copy made unfinished: blocks 3, 5
-    and 6 have no completion record and zero rows, as after a kill (with Ray, blocks finish
-    out of order, so the finished ones need not be a prefix)."""
+    and 6 have no completion record and zero rows (dense) or no block group (sparse), as after
+    a kill (with Ray, blocks finish out of order, so the finished ones need not be a
+    prefix)."""
     from scalespd.config import ProfilesConfig
     from scalespd.profiles.harvest import harvest
+    from scalespd.profiles.reader import open_ci
     from scalespd.profiles.sources import RandomRowSource
     from scalespd.profiles.synthetic import SyntheticCIModel
 
     d = tmp_path_factory.mktemp("harvest")
     model = SyntheticCIModel(6, [("enc", 7), ("mid", 5), ("dec", 4)], seed=0)
     cfg = ProfilesConfig(chunk_rows=32, block_rows=64, chunk_cols=6, batch_rows=64,
-                         executor="local", device="cpu", tau=0.1, dtype="float32")
+                         executor="local", device="cpu", tau=0.1, dtype="float32",
+                         storage=request.param)
     harvest(model, RandomRowSource(400, 6, seed=2, p=0.4), d / "full", cfg)
     part = d / "partial"
     shutil.copytree(d / "full", part)
     (part / "harvest.json").unlink()
-    z = zarr.open_array(str(part / "ci.zarr"), mode="r+")
+    full = open_ci(d / "full" / "ci.zarr")
     for b in (3, 5, 6):
         (part / "blocks" / f"block_{b:07d}.npz").unlink()
-        z[b * 64:min((b + 1) * 64, 400)] = 0.0
-    rows = np.r_[0:192, 256:320]
-    np.save(d / "finished_rows.npy", np.asarray(z[:])[rows])
-    return {"full": d / "full", "partial": part, "finished_rows": d / "finished_rows.npy"}
+        if request.param == "dense":
+            zarr.open_array(str(part / "ci.zarr"), mode="r+")[b * 64:min((b + 1) * 64, 400)] = 0
+        else:
+            shutil.rmtree(part / "ci.zarr" / "rows" / f"{b:07d}")
+    rows = np.asarray(full[:])[np.r_[0:192, 256:320]]
+    # The reference in the same form, so that it takes the same (dense or sparse) path.
+    ref = d / ("finished_rows.npy" if request.param == "dense" else "finished_rows.npz")
+    if request.param == "dense":
+        np.save(ref, rows)
+    else:
+        sp.save_npz(ref, sp.csr_matrix(rows))
+    return {"full": d / "full", "partial": part, "finished_rows": ref}
 
 
 def test_unfinished_harvest_is_refused_naming_the_blocks_done(harvests, tmp_path, capsys):

@@ -26,6 +26,8 @@ import zarr
 from lm_models import save_tiny_gpt2, save_tiny_llama, template_docs, template_tokenizer
 
 from scalespd.config import parse_config
+from scalespd.profiles import open_profiles
+from scalespd.profiles.sparse_store import SparseProfiles
 from scalespd.run import STAGES, run_pipeline
 from scalespd.train.lm import load_sequences
 
@@ -87,7 +89,8 @@ def test_lm_pipeline_end_to_end(which: str, lm_dirs: dict[str, Path], tmp_path: 
                                   np.tile(np.arange(SEQ_LEN), n_seq))
     np.testing.assert_array_equal(np.asarray(inputs["seq_ids"][:]),
                                   np.repeat(heldout.heldout_index[:n_seq].numpy(), SEQ_LEN))
-    ci = zarr.open_array(str(tmp_path / "profiles" / "ci.zarr"), mode="r")
+    ci = open_profiles(tmp_path / "profiles")  # the default layout: sparse CSR row blocks
+    assert isinstance(ci, SparseProfiles) and ci.csr_rows(0, SEQ_LEN).nnz > 0
     n_modules = 14 if which == "llama" else 8  # 7 projections (4: GPT-2) x 2 layers
     assert ci.shape == (token_ids.size, 6 * n_modules)
 

@@ -188,6 +188,23 @@ class RowSubset:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
+class SparseRowSubset(RowSubset):
+    """A RowSubset of a sparse row source (`csr_rows`): it offers `csr_rows` too, so the graph
+    stage keeps reading it sparse."""
+
+    def csr_rows(self, r0: int, r1: int) -> Any:
+        import scipy.sparse as sp  # noqa: PLC0415
+
+        parts = [self.X.csr_rows(s.start, s.stop) for s in self._pieces(slice(r0, r1))]
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+def row_subset(X: Any, ranges: tuple[tuple[int, int], ...]) -> RowSubset:
+    """The RowSubset of X's `ranges` (a SparseRowSubset when X gives sparse rows)."""
+    sparse = callable(getattr(X, "csr_rows", None))
+    return (SparseRowSubset if sparse else RowSubset)(X, tuple(ranges))
+
+
 # --------------------------------------------------------------------------------------------
 # The descriptor handed to Ray tasks
 # --------------------------------------------------------------------------------------------
@@ -197,11 +214,12 @@ class RowSubset:
 class SourceSpec:
     """How another process opens the profile matrix: small and picklable.
 
-    kind: "npy" (a .npy file; offset / fortran_order from its header) or "zarr" (a zarr array
-    in a local directory). shape, dtype: of the stored array (M, N). rows: None, or the
+    kind: "npy" (a .npy file; offset / fortran_order from its header), "zarr" (a zarr array
+    in a local directory) or "csr" (a sparse profiles store,
+    `scalespd.profiles.sparse_store`). shape, dtype: of the stored array (M, N). rows: None, or the
     [start, stop) row ranges of a RowSubset, so the opened matrix is (sum of ranges, N)."""
 
-    kind: Literal["npy", "zarr"]
+    kind: Literal["npy", "zarr", "csr"]
     path: str
     shape: tuple[int, ...]
     dtype: str
@@ -217,6 +235,14 @@ class SourceSpec:
         if self.kind == "npy":
             X = NpyFile(self.path, self.shape, np.dtype(self.dtype), self.fortran_order,
                         self.offset)
+        elif self.kind == "csr":
+            from scalespd.profiles.sparse_store import SparseProfiles  # noqa: PLC0415
+
+            X = SparseProfiles(self.path)
+            if tuple(X.shape) != self.shape or str(X.dtype) != self.dtype:
+                raise RuntimeError(
+                    f"{self.path} changed while it was being read: shape {tuple(X.shape)} "
+                    f"dtype {X.dtype}, expected {self.shape} {self.dtype}")
         else:
             import zarr  # noqa: PLC0415
 
@@ -225,7 +251,7 @@ class SourceSpec:
                 raise RuntimeError(
                     f"{self.path} changed while it was being read: shape {tuple(X.shape)} "
                     f"dtype {X.dtype}, expected {self.shape} {self.dtype}")
-        return X if self.rows is None else RowSubset(X, self.rows)
+        return X if self.rows is None else row_subset(X, self.rows)
 
 
 def _zarr_local_path(X: Any) -> str | None:
@@ -254,6 +280,10 @@ def describe(X: Any) -> SourceSpec | None:
                           inner.fortran_order, tuple((int(a), int(b)) for a, b in X.ranges))
     if isinstance(X, NpyFile):
         return SourceSpec("npy", X.path, X.shape, X.dtype.str, X.offset, X.fortran_order)
+    from scalespd.profiles.sparse_store import SparseProfiles  # noqa: PLC0415
+
+    if isinstance(X, SparseProfiles):
+        return SourceSpec("csr", str(X.path), X.shape, str(X.dtype))
     if isinstance(X, np.memmap):
         # Only the map np.load / np.memmap made (its buffer is the mmap itself): a view of it
         # carries the parent's offset and would describe the wrong bytes. A copy-on-write map

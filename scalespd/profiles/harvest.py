@@ -47,12 +47,15 @@ from scalespd.profiles.reader import (
     SUMMARY_FILE,
 )
 from scalespd.profiles.sources import RowSource
+from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store
+from scalespd.profiles.sparse_store import remove_temporaries as remove_csr_temporaries
 from scalespd.profiles.stats import ColumnStats, atomic_write_npz, merge_all
 from scalespd.profiles.store import (
     FORMAT_VERSION,
     BlockLayout,
     ChunkWriter,
     ProfilesError,
+    SparseTarget,
     block_record_path,
     check_ci,
     check_inputs,
@@ -169,36 +172,45 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
+def batch_buffer_rows(batch_rows: int, rows_per_input: int, block_rows: int) -> int:
+    """Rows of one forward batch: whole inputs, about `batch_rows` rows, at most a block."""
+    return min(block_rows, max(1, batch_rows // rows_per_input) * rows_per_input)
+
+
 def compute_block_ci(
     model: CIModel, x: torch.Tensor, modules: list[dict[str, Any]], batch_rows: int,
     device: str, dtype: np.dtype, tau: float, rows_per_input: int = 1,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, ColumnStats]:
-    """CI of inputs x (B, ...) -> ((R, N) array of `dtype`, stats of exactly those stored
+    out: np.ndarray | None = None, zero_below: float = 0.0, sparse: bool = False,
+) -> tuple[np.ndarray | CSRBlock, ColumnStats]:
+    """CI of inputs x (B, ...) -> (the R x N values of `dtype`, stats of exactly those stored
     values), R = B * rows_per_input: a toy input is one row, a language-model sequence (B, T)
-    gives T rows (its token positions, in order).
+    gives T rows (its token positions, in order). Values below `zero_below` become 0.
 
     The forward runs in batches of about `batch_rows` rows on `device`; stats come from the
-    values as stored (after the cast), so they agree with numpy on the saved array. `out`: a
-    buffer of at least R rows to fill (reused across blocks: a fresh block-sized array costs a
-    page fault per 4 KiB on first touch); the result is a view of its first R rows."""
+    values as stored (after the cast), so they agree with numpy on the saved array.
+    Dense (`sparse` False): the values are an (R, N) array, a view of the first R rows of `out`
+    (a buffer of at least R rows, reused across blocks: a fresh block-sized array costs a page
+    fault per 4 KiB on first touch). Sparse: a CSRBlock; `out` then needs only one batch's rows
+    (`batch_buffer_rows`), since each batch is reduced to its non-zero entries at once."""
     n_cols = sum(m["C"] for m in modules)
     n_rows = x.shape[0] * rows_per_input
-    if out is None:
-        out = np.empty((n_rows, n_cols), dtype=dtype)
-    elif out.shape[0] < n_rows or out.shape[1:] != (n_cols,) or out.dtype != dtype:
-        raise ValueError(f"buffer {out.shape} {out.dtype} cannot hold ({n_rows}, {n_cols}) "
-                         f"{np.dtype(dtype)}")
-    out = out[:n_rows]
-    stats = ColumnStats.empty(n_cols, tau)
-    tdtype = getattr(torch, np.dtype(dtype).name)
     batch_inputs = max(1, batch_rows // rows_per_input)
+    need = min(n_rows, batch_inputs * rows_per_input) if sparse else n_rows
+    if out is None:
+        out = np.empty((need, n_cols), dtype=dtype)
+    elif out.shape[0] < need or out.shape[1:] != (n_cols,) or out.dtype != dtype:
+        raise ValueError(f"buffer {out.shape} {out.dtype} cannot hold ({need}, {n_cols}) "
+                         f"{np.dtype(dtype)}")
+    stats = ColumnStats.empty(n_cols, tau)
+    parts: list[CSRBlock] = []
+    tdtype = getattr(torch, np.dtype(dtype).name)
     with torch.inference_mode():
         for s in range(0, x.shape[0], batch_inputs):
             xb = x[s : s + batch_inputs].to(device)
             n = xb.shape[0] * rows_per_input
-            rows = out[s * rows_per_input : s * rows_per_input + n]
+            rows = out[:n] if sparse else out[s * rows_per_input : s * rows_per_input + n]
             ci = model.causal_importances(xb)
+            pieces = []
             for m in modules:
                 g = ci.get(m["module"])
                 if g is None:
@@ -210,16 +222,28 @@ def compute_block_ci(
                         f"causal_importances[{m['module']!r}] has shape {tuple(g.shape)}, "
                         f"expected {want} (inputs, C)"
                     )
-                # One copy, straight into the block buffer (no concatenation); torch's copy
-                # runs on all its threads where numpy's assignment used one. Same cast as
-                # before (to `dtype` on the device, then to the host).
-                torch.from_numpy(rows[:, m["offset"] : m["offset"] + m["C"]]).copy_(
-                    g.reshape(n, m["C"]).to(tdtype))
+                pieces.append(g.reshape(n, m["C"]).to(tdtype))  # cast on the device
+            # One copy of the batch into the host buffer, whole rows at once: torch.cat writes
+            # contiguous rows on all torch's threads (a copy per module into column slices of
+            # the buffer was strided and took as long as a cheap model's forward).
+            host = torch.from_numpy(rows)
+            if all(p.device.type == "cpu" for p in pieces):
+                torch.cat(pieces, dim=1, out=host)
+            else:
+                host.copy_(torch.cat(pieces, dim=1))
             # Range check on the contiguous host copy (fast; NaN propagates into min/max).
             if not (rows.min() >= 0 and rows.max() <= 1):
                 _raise_out_of_range(rows, modules)
-            stats = stats.merge(ColumnStats.of(rows, tau))
-    return out, stats
+            if sparse:  # the floor is applied where the entries are picked
+                parts.append(CSRBlock.from_dense(rows, zero_below))
+            else:
+                if zero_below > 0:
+                    host.masked_fill_(host < zero_below, 0)  # in place, on torch's threads
+                stats = stats.merge(ColumnStats.of(rows, tau))
+    if sparse:
+        block = CSRBlock.concat(parts) if parts else CSRBlock.from_dense(out[:0])
+        return block, ColumnStats.of_csr(block.indices, block.values, n_rows, n_cols, tau)
+    return out[:n_rows], stats
 
 
 def _raise_out_of_range(rows: np.ndarray, modules: list[dict[str, Any]]) -> None:
@@ -243,7 +267,7 @@ class ComputedBlock:
     start: int
     stop: int
     x: torch.Tensor  # the block's inputs (for the row metadata)
-    vals: np.ndarray  # (stop - start, N)
+    vals: np.ndarray | CSRBlock  # (stop - start, N), dense or sparse (profiles.storage)
     stats: ColumnStats
     seconds_compute: float
 
@@ -261,22 +285,29 @@ def compute_block(
         raise ProfilesError(f"row source gave {x.shape[0]} inputs of {per_input} row(s) for "
                             f"block {b}, expected {stop - start} rows ([{start}, {stop}))")
     vals, stats = compute_block_ci(model, x, modules, cfg.batch_rows, device,
-                                   np.dtype(cfg.dtype), cfg.tau, per_input, out)
+                                   np.dtype(cfg.dtype), cfg.tau, per_input, out, cfg.zero_below,
+                                   cfg.storage == "sparse")
     return ComputedBlock(b, start, stop, x, vals, stats, time.perf_counter() - t0)
 
 
 def write_block(
-    c: ComputedBlock, source: RowSource, ci: zarr.Array, inputs: zarr.Group | None,
+    c: ComputedBlock, source: RowSource, ci: zarr.Array | SparseTarget, inputs: zarr.Group | None,
     blocks_dir: Path, chunks: ChunkWriter | None = None,
 ) -> BlockResult:
-    """Write the block's rows (all N columns: whole chunks) through `chunks` (the same bytes,
-    faster) or else zarr, then, and only then, its completion record."""
+    """Write the block's rows (all N columns: whole chunks of a dense array, through `chunks`
+    (the same bytes, faster) or else zarr; or the block's CSR group of a sparse store), then,
+    and only then, its completion record."""
     t0 = time.perf_counter()
     # zarr's OSErrors name no file: name the array being written.
     with naming_file(blocks_dir.parent / CI_FILE):
-        if chunks is not None:
+        if isinstance(c.vals, CSRBlock):
+            if not isinstance(ci, SparseTarget):
+                raise TypeError("a sparse block needs a sparse ci.zarr")
+            ci.write(c.block, c.start, c.vals)
+        elif chunks is not None:
             chunks.write(c.start, c.vals)
         else:
+            assert isinstance(ci, zarr.Array)
             ci[c.start : c.stop, :] = c.vals
     if inputs is not None:
         for name, v in source.row_metadata(c.block, c.start, c.stop, c.x).items():
@@ -298,8 +329,9 @@ def write_block(
 
 def run_block(
     b: int, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict[str, Any]],
-    ci: zarr.Array, inputs: zarr.Group | None, blocks_dir: Path, cfg: ProfilesConfig, device: str,
-    chunks: ChunkWriter | None = None, out: np.ndarray | None = None,
+    ci: zarr.Array | SparseTarget, inputs: zarr.Group | None, blocks_dir: Path,
+    cfg: ProfilesConfig, device: str, chunks: ChunkWriter | None = None,
+    out: np.ndarray | None = None,
 ) -> BlockResult:
     """Compute block b (into `out` if given) and write it."""
     return write_block(compute_block(b, model, source, layout, modules, cfg, device, out),
@@ -308,19 +340,19 @@ def run_block(
 
 def _run_local(
     todo: list[int], model: CIModel, source: RowSource, layout: BlockLayout,
-    modules: list[dict[str, Any]], ci: zarr.Array, inputs: zarr.Group | None, blocks_dir: Path,
-    cfg: ProfilesConfig, device: str,
+    modules: list[dict[str, Any]], ci: zarr.Array | SparseTarget, inputs: zarr.Group | None,
+    blocks_dir: Path, cfg: ProfilesConfig, device: str,
 ) -> Iterator[BlockResult]:
     """Blocks in this process; block b is written (compressed) by a background thread while
     block b+1 is computed, so at most two blocks are in memory: two block buffers take turns
     (the one just written is filled by the block after next). Results come in block order; a
     failed write raises here, when its result is taken."""
-    chunks = ChunkWriter.for_array(ci)  # used by the writer thread only
+    chunks = ChunkWriter.for_array(ci) if isinstance(ci, zarr.Array) else None  # writer thread
     free: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles-writer") as pool:
         pending: tuple[Future[BlockResult], np.ndarray] | None = None
         for b in todo:
-            buf = free.pop() if free else _block_buffer(layout, cfg)
+            buf = free.pop() if free else _block_buffer(layout, cfg, rows_per_input(source))
             c = compute_block(b, model, source, layout, modules, cfg, device, buf)
             if pending is not None:
                 result = pending[0].result()
@@ -331,8 +363,19 @@ def _run_local(
             yield pending[0].result()
 
 
-def _block_buffer(layout: BlockLayout, cfg: ProfilesConfig) -> np.ndarray:
-    return np.empty((layout.block_rows, layout.n_cols), dtype=np.dtype(cfg.dtype))
+def open_target(path: Path, cfg: ProfilesConfig) -> zarr.Array | SparseTarget:
+    """The existing ci.zarr a harvest worker writes into."""
+    if cfg.storage == "sparse":
+        return SparseTarget(path, cfg.dtype, cfg.compression_level)
+    return zarr.open_array(str(path), mode="r+")
+
+
+def _block_buffer(layout: BlockLayout, cfg: ProfilesConfig, per_input: int) -> np.ndarray:
+    """The host buffer a block's forward fills: the whole block (dense), or one batch (sparse:
+    each batch is reduced to its non-zero entries before the next)."""
+    rows = (batch_buffer_rows(cfg.batch_rows, per_input, layout.block_rows)
+            if cfg.storage == "sparse" else layout.block_rows)
+    return np.empty((rows, layout.n_cols), dtype=np.dtype(cfg.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,12 +395,13 @@ class _HarvestWorker:
             model = model.to(device)
         self.model, self.source, self.layout, self.modules = model, source, layout, modules
         self.out_dir, self.cfg, self.device = Path(out_dir), cfg, device
-        self.ci = zarr.open_array(str(self.out_dir / CI_FILE), mode="r+")
+        self.ci = open_target(self.out_dir / CI_FILE, cfg)
         fields = source.row_fields()
         self.inputs = (zarr.open_group(str(self.out_dir / INPUTS_FILE), mode="r+")
                        if fields else None)
-        self.chunks = ChunkWriter.for_array(self.ci)
-        self.buf = _block_buffer(layout, cfg)  # one block at a time per actor: reused
+        self.chunks = ChunkWriter.for_array(self.ci) if isinstance(self.ci, zarr.Array) else None
+        # One block at a time per actor: reused.
+        self.buf = _block_buffer(layout, cfg, rows_per_input(source))
 
     def run(self, b: int) -> BlockResult:
         return run_block(b, self.model, self.source, self.layout, self.modules, self.ci,
@@ -522,11 +566,15 @@ def harvest(
         "input_set": source.describe(),
         "block_rows": layout.block_rows,
         "model_hash": model_hash or model_fingerprint(model),
+        "storage": "csr" if cfg.storage == "sparse" else "dense",
+        "zero_below": cfg.zero_below,
     }
+    if cfg.storage == "sparse":  # a group has no shape or dtype of its own
+        attrs |= {"shape": [layout.n_rows, n_cols], "dtype": str(np.dtype(cfg.dtype))}
     blocks_dir = out_dir / BLOCKS_DIR
     fields = source.row_fields()
     # Check everything that already exists before creating or writing anything.
-    check_ci(out_dir / CI_FILE, layout, cfg.dtype, attrs)
+    check_ci(out_dir / CI_FILE, layout, cfg.dtype, attrs, cfg.storage)
     check_inputs(out_dir / INPUTS_FILE, layout, fields, attrs["input_set"])
     done = finished_blocks(blocks_dir, layout)
     if done and not (out_dir / CI_FILE).exists():
@@ -544,7 +592,8 @@ def harvest(
         out_dir.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(out_dir)
     with naming_file(out_dir / CI_FILE):
-        ci = create_or_open(out_dir / CI_FILE, layout, cfg.dtype, attrs, cfg.compression_level)
+        ci = create_or_open(out_dir / CI_FILE, layout, cfg.dtype, attrs, cfg.compression_level,
+                            cfg.storage)
     with naming_file(out_dir / INPUTS_FILE):
         inputs = create_or_open_inputs(out_dir / INPUTS_FILE, layout, fields,
                                        attrs["input_set"])
@@ -616,6 +665,9 @@ def _remove_temporaries(out_dir: Path) -> None:
     blocks = out_dir / BLOCKS_DIR
     for p in blocks.glob(".block_*.npz.*.tmp") if blocks.is_dir() else []:
         p.unlink()
+    if is_sparse_store(out_dir / CI_FILE):
+        for p in remove_csr_temporaries(out_dir / CI_FILE):
+            log.info("profiles: removed %s, left by an interrupted harvest", p)
 
 
 def load_merged_stats(blocks_dir: Path, layout: BlockLayout, tau: float) -> ColumnStats:

@@ -1,7 +1,8 @@
 """Reading a finished profiles directory, without torch: the contract the graph, spectral,
 evaluate and report stages and `scalespd.cluster` rely on (DESIGN §4 "Profiles").
 
-    ci.zarr         (M, N) causal importances, columns in the global order
+    ci.zarr         (M, N) causal importances, columns in the global order: a dense zarr array,
+                    or a group of CSR row blocks (`sparse_store`)
     inputs.zarr     what each row's input was (toys: the vector; LMs: token/sequence/position)
     blocks/         the completion record of finished row blocks
     components.csv  one row per column: component, name, layer, module, module_type, stats, alive
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from scalespd.profiles.sparse_store import SparseProfiles, is_sparse_store
 from scalespd.profiles.store import ATTR_KEY, ProfilesError
 
 CI_FILE = "ci.zarr"
@@ -31,8 +33,11 @@ COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "max
 REQUIRED_COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "alive"]
 
 
-def open_profiles(profiles_dir: str | Path, allow_incomplete: bool = False) -> zarr.Array:
-    """The (M, N) CI array of a finished harvest (read-only)."""
+def open_profiles(profiles_dir: str | Path,
+                  allow_incomplete: bool = False) -> zarr.Array | SparseProfiles:
+    """The (M, N) CI matrix of a finished harvest (read-only): a zarr array (dense layout) or a
+    `SparseProfiles` (the sparse layout; `csr_rows` gives row blocks as scipy CSR, and it
+    offers the dense array's reads too)."""
     profiles_dir = Path(profiles_dir)
     path = profiles_dir / CI_FILE
     if not path.exists():
@@ -40,10 +45,23 @@ def open_profiles(profiles_dir: str | Path, allow_incomplete: bool = False) -> z
     if not allow_incomplete and not (profiles_dir / SUMMARY_FILE).exists():
         raise ProfilesError(f"{profiles_dir} holds an unfinished harvest ({SUMMARY_FILE} is "
                             f"missing); re-run the profiles stage to complete it")
+    arr: zarr.Array | SparseProfiles
+    if is_sparse_store(path):
+        try:
+            arr = SparseProfiles(path)
+        except ValueError as err:
+            raise ProfilesError(str(err)) from None
+        return arr
     arr = zarr.open_array(str(path), mode="r")
     if ATTR_KEY not in arr.attrs:
         raise ProfilesError(f"{path} is not a scalespd profiles array (no {ATTR_KEY} attribute)")
     return arr
+
+
+def open_ci(path: str | Path) -> zarr.Array | SparseProfiles:
+    """The ci.zarr at `path` as stored (dense array or sparse store), read-only, without the
+    completeness checks of `open_profiles`."""
+    return SparseProfiles(path) if is_sparse_store(path) else zarr.open_array(str(path), mode="r")
 
 
 def as_bool(col: pd.Series) -> np.ndarray:
@@ -75,7 +93,7 @@ def read_components(profiles_dir: str | Path) -> pd.DataFrame:
     return df.set_index("component", drop=False).sort_index()
 
 
-def column_names(arr: zarr.Array) -> list[str]:
+def column_names(arr: zarr.Array | SparseProfiles) -> list[str]:
     """`<module>:<c>` for every column of a profiles array, from its attributes."""
     # The attribute the harvest writes (scalespd.profiles.harvest): a dict with "modules".
     meta = cast("dict[str, Any]", arr.attrs[ATTR_KEY])

@@ -1,6 +1,8 @@
 """On-disk layout of the profiles stage and its safety checks.
 
     profiles/ci.zarr          (M, N) zarr v3, float16/32, zstd, chunks (chunk_rows, chunk_cols)
+                              (profiles.storage dense), or a group of CSR row blocks (sparse,
+                              the default; layout in `sparse_store`)
     profiles/inputs.zarr      zarr v3 group, one (M, ...) array per row field of the source
     profiles/blocks/          completion record: block_<b>.npz per finished row block (its row
                               range and partial column stats), written after the block's data
@@ -38,6 +40,9 @@ from zarr.codecs.bytes import Endian
 from zarr.storage import LocalStore
 
 from scalespd.errors import StageInputError
+from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store
+from scalespd.profiles.sparse_store import create_group as create_csr_group
+from scalespd.profiles.sparse_store import write_block as write_csr_block
 
 FORMAT_VERSION = 1
 ATTR_KEY = "scalespd_profiles"
@@ -169,11 +174,20 @@ def _ci_want(layout: BlockLayout, dtype: str, attributes: dict[str, Any]) -> dic
     }
 
 
-def check_ci(path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any]) -> None:
-    """If `path` exists it must be the array this harvest would create (shape, dtype, chunks,
-    attributes); otherwise a ProfilesError names the file and every difference."""
+def check_ci(path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any],
+             storage: str = "dense") -> None:
+    """If `path` exists it must be the store this harvest would create (dense: the array's
+    shape, dtype, chunks, attributes; sparse: the group's attributes); otherwise a
+    ProfilesError names the file and every difference."""
     if not path.exists():
         return
+    if storage == "sparse":
+        _check_sparse(path, attributes)
+        return
+    if is_sparse_store(path):
+        raise ProfilesError(f"{path} holds sparse profiles (profiles.storage: sparse) and this "
+                            "harvest writes dense ones; refusing to overwrite it (set "
+                            "profiles.storage: sparse to resume it, or use another run directory)")
     arr = _open_existing(path)
     diffs = _differences(path, _describe_existing(arr), _ci_want(layout, dtype, attributes))
     if diffs:
@@ -181,6 +195,36 @@ def check_ci(path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, 
             f"{path} already holds a different profiles array; refusing to overwrite it "
             f"(delete it or use another run directory to start over):\n  " + "\n  ".join(diffs)
         )
+
+
+def _check_sparse(path: Path, attributes: dict[str, Any]) -> None:
+    if not is_sparse_store(path):
+        raise ProfilesError(f"{path} exists but is not a sparse profiles store (a dense array, "
+                            "or not zarr at all); refusing to overwrite it (set profiles.storage: "
+                            "dense to resume a dense harvest, or use another run directory)")
+    try:
+        have = zarr.open_group(str(path), mode="r").attrs.get(ATTR_KEY)
+    except Exception as err:  # unreadable metadata
+        raise ProfilesError(f"{path} exists but is not a readable zarr group ({err}); move it "
+                            "away or choose another run directory") from None
+    diffs = _differences(path, {"attributes": have}, {"attributes": _jsonable(attributes)})
+    if diffs:
+        raise ProfilesError(
+            f"{path} already holds different sparse profiles; refusing to overwrite them "
+            f"(delete them or use another run directory to start over):\n  " + "\n  ".join(diffs)
+        )
+
+
+@dataclass(frozen=True)
+class SparseTarget:
+    """The sparse ci.zarr a harvest writes block groups into (see `sparse_store`)."""
+
+    path: Path
+    dtype: str
+    level: int
+
+    def write(self, b: int, start: int, block: CSRBlock) -> None:
+        write_csr_block(self.path, b, start, block, np.dtype(self.dtype), self.level)
 
 
 def temporary_name(path: Path) -> Path:
@@ -209,9 +253,18 @@ def _create_atomically(path: Path, create: Callable[[str], None]) -> None:
 
 
 def create_or_open(
-    path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any], level: int
-) -> zarr.Array:
-    """Create the (M, N) array, or re-open an existing one after `check_ci`. Never overwrites."""
+    path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any], level: int,
+    storage: str = "dense",
+) -> zarr.Array | SparseTarget:
+    """Create the (M, N) array (dense) or the block group store (sparse), or re-open an existing
+    one after `check_ci`. Never overwrites."""
+    if storage == "sparse":
+        if path.exists():
+            check_ci(path, layout, dtype, attributes, storage)
+        else:
+            _create_atomically(path, lambda store: create_csr_group(
+                Path(store), {ATTR_KEY: _jsonable(attributes)}))
+        return SparseTarget(path, dtype, level)
     if path.exists():
         check_ci(path, layout, dtype, attributes)
         return zarr.open_array(str(path), mode="r+")

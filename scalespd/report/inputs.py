@@ -247,9 +247,9 @@ def load_run(run_dir: Path) -> RunArtifacts:
 def read_profile_columns(profiles_path: Path, columns: np.ndarray, max_rows: int) -> np.ndarray:
     """(min(M, max_rows), len(columns)) float32 slice of ci.zarr: only the chunks that hold
     these columns in the first rows are read."""
-    import zarr  # noqa: PLC0415
+    from scalespd.profiles.reader import open_ci  # noqa: PLC0415
 
-    arr = zarr.open_array(str(profiles_path), mode="r")
+    arr = open_ci(profiles_path)
     if arr.ndim != 2:
         raise ReportInputError(f"{profiles_path}: expected a 2-D (M, N) array, got {arr.shape}")
     rows = min(arr.shape[0], max_rows)

@@ -129,9 +129,9 @@ def scan_profiles(
     groups: K arrays of alive-node indices (positions in alive_ids), one per cluster.
     tok_idx: (M,) index into the V distinct tokens of each profile row.
     block_rows: rows per block (None: as many whole zarr chunks as fit BLOCK_BYTES)."""
-    import zarr  # noqa: PLC0415
+    from scalespd.profiles.reader import open_ci  # noqa: PLC0415
 
-    arr = zarr.open_array(str(profiles_path), mode="r")
+    arr = open_ci(profiles_path)
     M = int(arr.shape[0])
     if arr.ndim != 2 or M != len(tok_idx):
         raise ReportInputError(f"{profiles_path}: shape {arr.shape}, but inputs.zarr has "

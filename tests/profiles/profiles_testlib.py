@@ -28,7 +28,8 @@ def tiny_model(seed: int = 0, sizes: list[tuple[str, int]] | None = None) -> Syn
 
 def small_cfg(**kw: Any) -> ProfilesConfig:
     base: dict[str, Any] = dict(chunk_rows=32, block_rows=64, chunk_cols=6, batch_rows=24,
-                                executor="local", device="cpu", tau=0.1, dtype="float32")
+                                executor="local", device="cpu", tau=0.1, dtype="float32",
+                                storage="dense", zero_below=0.0)
     base.update(kw)
     return ProfilesConfig(**base)
 

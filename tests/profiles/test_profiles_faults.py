@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from faults import fill_until_full
 from profiles_testlib import SIZES, small_cfg, snapshot, tiny_model, write_decomposed_run_dir
 
@@ -24,7 +23,7 @@ from scalespd.config import DecomposeConfig, ModuleSpec, ProfilesConfig, RunConf
 from scalespd.errors import storage_error
 from scalespd.profiles import stage as profiles_stage
 from scalespd.profiles.harvest import harvest
-from scalespd.profiles.reader import BLOCKS_DIR, CI_FILE, COMPONENTS_FILE, INPUTS_FILE
+from scalespd.profiles.reader import BLOCKS_DIR, CI_FILE, COMPONENTS_FILE, INPUTS_FILE, open_ci
 from scalespd.profiles.sources import RandomRowSource
 from scalespd.profiles.store import BlockLayout, finished_blocks
 
@@ -137,12 +136,13 @@ def test_disk_full_during_the_profiles_stage_then_rerun_equals_undisturbed(
     _assert_storage_error(failed.value, out, disk)
 
     # Only finished blocks are recorded, and their rows are those of the undisturbed harvest.
-    ref_ci = zarr.open_array(str(ref_dir / "profiles" / CI_FILE), mode="r")
+    # The default layout: sparse CSR row blocks.
+    ref_ci = open_ci(ref_dir / "profiles" / CI_FILE)
     layout = BlockLayout.make(1000, 12, PROFILES.chunk_rows, PROFILES.chunk_cols,
                               PROFILES.block_rows, np.dtype(PROFILES.dtype).itemsize)
     done = finished_blocks(out / BLOCKS_DIR, layout)
     assert 0 < len(done) < layout.n_blocks, done
-    ci = zarr.open_array(str(out / CI_FILE), mode="r")
+    ci = open_ci(out / CI_FILE)
     for b in done:
         start, stop = layout.block_range(b)
         np.testing.assert_array_equal(ci[start:stop], ref_ci[start:stop])

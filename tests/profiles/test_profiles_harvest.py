@@ -96,10 +96,12 @@ def _stop_after(k: int):
     return cb
 
 
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_interrupted_harvest_resumes_bit_identical(tmp_path: Path, dtype: str) -> None:
+def test_interrupted_harvest_resumes_bit_identical(tmp_path: Path, dtype: str,
+                                                   storage: str) -> None:
     model, src = tiny_model(), RandomRowSource(400, 6, seed=2, p=0.4, save_inputs=True)
-    cfg = small_cfg(dtype=dtype)
+    cfg = small_cfg(dtype=dtype, storage=storage, zero_below=0.05)
     harvest(model, src, tmp_path / "full", cfg)
 
     with pytest.raises(_Stop):
@@ -120,7 +122,8 @@ def test_interrupted_harvest_resumes_bit_identical(tmp_path: Path, dtype: str) -
     assert diff == []  # every chunk, block record and components.csv byte-identical
 
 
-def test_sigkilled_harvest_resumes_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_sigkilled_harvest_resumes_bit_identical(tmp_path: Path, storage: str) -> None:
     """A separate process is SIGKILLed in the middle of a harvest; the resumed result matches
     an uninterrupted one byte for byte."""
     out = tmp_path / "killed"
@@ -130,8 +133,8 @@ def test_sigkilled_harvest_resumes_bit_identical(tmp_path: Path) -> None:
         from profiles_testlib import tiny_model, small_cfg
         from scalespd.profiles.harvest import harvest
         from scalespd.profiles.sources import RandomRowSource
-        harvest(tiny_model(), RandomRowSource(640, 6, seed=5), {str(out)!r}, small_cfg(),
-                on_block=lambda r: time.sleep(0.3))
+        harvest(tiny_model(), RandomRowSource(640, 6, seed=5), {str(out)!r},
+                small_cfg(storage={storage!r}), on_block=lambda r: time.sleep(0.3))
     """)
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
@@ -152,9 +155,10 @@ def test_sigkilled_harvest_resumes_bit_identical(tmp_path: Path) -> None:
     n_done = len(list((out / "blocks").glob("block_*.npz")))
     assert 3 <= n_done < 10
 
-    res = harvest(tiny_model(), RandomRowSource(640, 6, seed=5), out, small_cfg())
+    cfg = small_cfg(storage=storage)
+    res = harvest(tiny_model(), RandomRowSource(640, 6, seed=5), out, cfg)
     assert res.n_computed == 10 - n_done
-    harvest(tiny_model(), RandomRowSource(640, 6, seed=5), tmp_path / "full", small_cfg())
+    harvest(tiny_model(), RandomRowSource(640, 6, seed=5), tmp_path / "full", cfg)
     a, b = snapshot(out), snapshot(tmp_path / "full")
     a.pop("harvest.json"), b.pop("harvest.json")
     assert a == b

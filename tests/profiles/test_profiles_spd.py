@@ -30,21 +30,29 @@ def spd_model(decompose: DecomposeConfig = DECOMPOSE) -> ComponentModel:
                           generator=torch.Generator().manual_seed(3))
 
 
-def _direct(model: ComponentModel, x: torch.Tensor) -> np.ndarray:
+def _direct(model: ComponentModel, x: torch.Tensor, cfg: ProfilesConfig | None = None
+            ) -> np.ndarray:
+    """(M, N) CI in one forward; with `cfg`, values below its zero_below floor set to 0."""
     ci = model.causal_importances(x)
-    return torch.cat([ci[p] for p in model.module_paths], dim=1).numpy()
+    out = torch.cat([ci[p] for p in model.module_paths], dim=1).numpy()
+    if cfg is not None:
+        out[out < cfg.zero_below] = 0
+    return out
 
 
-def test_train_distribution_harvest_equals_direct(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["sparse", "dense"])
+def test_train_distribution_harvest_equals_direct(tmp_path: Path, storage: str) -> None:
     model = spd_model()
     cfg = ProfilesConfig(n_samples=700, chunk_rows=128, block_rows=256, chunk_cols=8, seed=11,
-                         executor="local", device="cpu", batch_rows=100)
+                         executor="local", device="cpu", batch_rows=100, storage=storage)
     res = harvest(model, ToyRowSource(TARGET, cfg), tmp_path / "p", cfg)
     assert res.shape == (700, 8 + 3 + 8)
     # Inputs drawn independently here from the target's distribution, block by block.
     data = make_dataset(TARGET)
     x = torch.cat([data.sample(n, block_generator(11, b)) for b, n in enumerate([256, 256, 188])])
     want = _direct(model, x)
+    assert ((want > 0) & (want < cfg.zero_below)).any()  # the floor has work to do here
+    want[want < cfg.zero_below] = 0
     got = open_profiles(tmp_path / "p")[:]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     df = read_components(tmp_path / "p")
@@ -62,7 +70,7 @@ def test_structured_eval_set_harvest_equals_direct(tmp_path: Path) -> None:
     res = harvest(model, ToyRowSource(TARGET, cfg), tmp_path / "p", cfg)
     assert res.shape[0] == 5 * 40
     x = structured(TARGET, 40, torch.Generator().manual_seed(5))
-    np.testing.assert_allclose(open_profiles(tmp_path / "p")[:], _direct(model, x), rtol=0,
+    np.testing.assert_allclose(open_profiles(tmp_path / "p")[:], _direct(model, x, cfg), rtol=0,
                                atol=1e-6)
 
 

@@ -42,6 +42,7 @@ def test_stage_harvests_the_run_decomposition_and_resumes(tmp_path: Path) -> Non
     x = torch.cat([data.sample(n, block_generator(4, b)) for b, n in enumerate([128, 128, 44])])
     ci = model.causal_importances(x)
     want = torch.cat([ci["linear1"], ci["linear2"]], dim=1).numpy()
+    want[want < PROFILES.zero_below] = 0  # the stored floor (default profiles.zero_below)
     np.testing.assert_allclose(open_profiles(tmp_path / "profiles")[:], want, rtol=0, atol=1e-6)
     df = read_components(tmp_path / "profiles")
     assert list(df["name"][:2]) == ["linear1:0", "linear1:1"] and df["name"][11] == "linear2:5"
