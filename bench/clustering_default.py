@@ -57,7 +57,7 @@ def cluster(X: np.ndarray, frac: np.ndarray, graph: dict, spectral: dict,
     t0 = time.perf_counter()
     g = build_graph(X, GraphConfig(**graph))
     labels = cluster_alive(g, SpectralConfig(**spectral, seed=seed), frac_active=frac,
-                           use_ray=False).labels
+                           executor="local").labels
     return labels, time.perf_counter() - t0
 
 

@@ -130,10 +130,10 @@ def run_case(name: str, params: dict, sklearn_budget: float, use_ray: bool) -> d
     out: dict = {"graph": stats, "config": cfg.model_dump(mode="json")}
     # One untimed pass of each, so neither timing below pays first-call imports and caches.
     for c in (cfg, base_cfg):
-        cluster_graph_detailed(W, None, c, use_ray=False)
+        cluster_graph_detailed(W, None, c, executor="local")
 
     t = time.perf_counter()
-    local = cluster_graph_detailed(W, None, cfg, use_ray=False)
+    local = cluster_graph_detailed(W, None, cfg, executor="local")
     out["ours_local_s"] = round(time.perf_counter() - t, 3)
     out["ours_local_timings"] = {k: round(v, 4) for k, v in local.timings.items()}
     out["n_pieces"], out["n_tasks"] = local.n_pieces, local.n_tasks
@@ -150,7 +150,7 @@ def run_case(name: str, params: dict, sklearn_budget: float, use_ray: bool) -> d
     # Baseline in the same run: the previous default, k-means labels (issue 13 asks the new
     # default to stay within 1.5x of it).
     t = time.perf_counter()
-    base = cluster_graph_detailed(W, None, base_cfg, use_ray=False)
+    base = cluster_graph_detailed(W, None, base_cfg, executor="local")
     out["kmeans_baseline_s"] = round(time.perf_counter() - t, 3)
     out["ratio_vs_kmeans_baseline"] = round(out["ours_local_s"] / out["kmeans_baseline_s"], 3)
     out["ari_kmeans_baseline_vs_truth"] = round(adjusted_rand_score(truth, base.labels), 4)
@@ -165,7 +165,7 @@ def run_case(name: str, params: dict, sklearn_budget: float, use_ray: bool) -> d
         # pays this once); second call: warm workers.
         for key in ("ours_ray_cold_s", "ours_ray_s"):
             t = time.perf_counter()
-            res = cluster_graph_detailed(W, None, cfg, use_ray=True)
+            res = cluster_graph_detailed(W, None, cfg, executor="ray")
             out[key] = round(time.perf_counter() - t, 3)
             out["ray_identical_to_local"] = bool(np.array_equal(res.labels, local.labels))
         out["ray_cpus"] = int(ray.cluster_resources().get("CPU", 0))

@@ -84,6 +84,7 @@ from scalespd.errors import (
     UserError,
     storage_error,
 )
+from scalespd.executor import AUTO_MIN_GRAPH_TILES, choose, start
 from scalespd.graph.source import NpyFile, RowSubset, peak_rss_mb, row_subset
 from scalespd.graph.sparse_io import SparseBlocks, as_row_sliceable, is_sparse_rows
 from scalespd.graph.sparse_plan import BLOCK_NNZ, block_rows_for
@@ -98,8 +99,6 @@ log = logging.getLogger("scalespd.cluster")
 META_COLUMNS = ["name", "layer", "module"]
 # Rows per block of the alive-filter pass are chosen so a float64 block stays near this size.
 _BLOCK_BYTES = 128 << 20
-# With --executor auto, Ray is used from this many alive columns on (or when a cluster is set).
-_RAY_MIN_ALIVE = 5000
 # Fewest rows (inputs) accepted. Two columns active together on a single input and zero
 # elsewhere correlate perfectly; under the row-permutation null that the edge threshold uses,
 # that happens by chance with probability 1/M. Below M = 20 this chance exceeds 5%, so even a
@@ -589,8 +588,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="do not re-split components whose eigengap picks K_max")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
-                   help=f"Ray tasks or this process (auto: Ray from {_RAY_MIN_ALIVE} alive "
-                        "columns or when RAY_ADDRESS is set)")
+                   help="Ray tasks or this process (auto: scalespd/executor.py's policy, per "
+                        "stage: Ray for more than one graph tile or spectral work worth Ray "
+                        "workers, or whenever RAY_ADDRESS is set)")
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an --out written by an earlier run (it must hold exactly the "
                         f"files recorded in its {MANIFEST}; anything else is refused)")
@@ -713,12 +713,11 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                  "" if partial is None else f" (finished blocks only: {partial['finished_blocks']}"
                  f" of {partial['n_blocks']}, {M} of {partial['rows_total']} rows)")
 
-        use_ray = args.executor == "ray" or (args.executor == "auto" and (
-            alive.size >= _RAY_MIN_ALIVE or bool(os.environ.get("RAY_ADDRESS"))))
+        tiles = -(-alive.size // gcfg.tile_cols)
+        use_ray = choose("graph", args.executor, work=tiles, minimum=AUTO_MIN_GRAPH_TILES,
+                         pieces=tiles) == "ray"
         if use_ray:
-            from scalespd.raytools import ensure_ray  # noqa: PLC0415
-
-            ensure_ray()
+            start()
 
         t1 = time.perf_counter()
         # Ray tasks open PROFILES themselves and read only their blocks; an input they could
@@ -730,8 +729,8 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
 
         t2 = time.perf_counter()
         frac = table["frac_active"].to_numpy()[alive]
-        result = cluster_alive(graph, scfg, frac_active=frac, profiles=X, use_ray=use_ray,
-                               device=device, progress=args.verbose)
+        result = cluster_alive(graph, scfg, frac_active=frac, profiles=X,
+                               executor=args.executor, device=device, progress=args.verbose)
         clusters = clusters_table(table, graph.columns, graph.labels, result.labels)
         timings["spectral_s"] = time.perf_counter() - t2
 
@@ -762,7 +761,8 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                        "k_max": scfg.k_max, "mode": scfg.mode, "seed": scfg.seed,
                        "always_on_fraction": scfg.always_on_fraction,
                        "recursive_split": scfg.recursive_split, "device": device,
-                       "executor": "ray" if use_ray else "local"},
+                       "executor": {"graph": "ray" if use_ray else "local",
+                                    "spectral": result.info["executor"]}},
             "inputs": {"profiles": str(args.profiles), "shape": [M, N], "dtype": str(X.dtype),
                        "components": None if args.components is None else str(args.components)},
             # None, or which row blocks of an unfinished harvest were used (--allow-partial).

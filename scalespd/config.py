@@ -446,10 +446,11 @@ class ProfilesConfig(Cfg):
     """Rows per forward pass inside a block (bounds activation memory for big models)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the CI forward runs: "auto" picks CUDA when torch sees a GPU."""
-    executor: Literal["auto", "ray", "local"] = "auto"
-    """"ray": blocks run on Ray actors that keep the model loaded; "local": in this process;
-    "auto": Ray when more than one block and >= 2**26 CI values are left to compute (actor
-    start-up costs seconds that toy-sized harvests do not repay), else local."""
+    executor: Literal["auto", "ray", "local"] | None = None
+    """Where the harvest runs (None: ray.executor). "ray": blocks run on Ray actors that keep
+    the model loaded; "local": in this process; "auto": Ray when a cluster is configured, or
+    when more than one block and >= 2**26 CI values are left to compute (actor start-up costs
+    seconds that toy-sized harvests do not repay), else local."""
     compression_level: Annotated[int, Field(ge=1, le=22, strict=True)] = 1
     """zstd level of ci.zarr. On CI-like data (95% exact zeros) level 1 wrote ~7% faster than level
     3 and compressed better (14.5x vs 13.0x; bench/profiles_harvest.py data)."""
@@ -683,6 +684,15 @@ class RayConfig(Cfg):
     """GPUs of a local Ray (None: all visible ones)."""
     object_store_memory: PosInt | None = 500_000_000
     """Object store bytes of a local Ray (None: Ray's default, a share of the memory)."""
+    executor: Literal["auto", "local", "ray"] = "auto"
+    """Where the profiles, graph and spectral stages run their work (scalespd/executor.py):
+    "local" in this process, "ray" as Ray tasks / actors, "auto" Ray when a cluster is
+    configured (address or $RAY_ADDRESS) or the stage's work repays starting Ray workers, and
+    only when there is more than one piece of work. SPD training always runs under Ray Train."""
+    gpus_per_task: Annotated[float, Field(gt=0, le=1, strict=True)] = 1.0
+    """GPUs each Ray task of the graph and spectral stages reserves when it runs on CUDA (and
+    each harvest actor on CUDA, at most its share of the cluster's GPUs); below 1, tasks share a
+    GPU."""
 
 
 class RunConfig(Cfg):

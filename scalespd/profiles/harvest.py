@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from scalespd.backend import resolve_device
 from scalespd.config import ProfilesConfig, RayConfig
 from scalespd.errors import naming_file
+from scalespd.executor import AUTO_MIN_PROFILES_VALUES, Executor, choose, start
 from scalespd.profiles.reader import (
     BLOCKS_DIR,
     CI_FILE,
@@ -416,15 +417,16 @@ def _run_on_ray(
     """Yield BlockResults as Ray actors finish blocks (at most one block in flight per actor)."""
     import ray  # noqa: PLC0415
 
-    from scalespd.raytools import cluster_cpus, cluster_gpus, ensure_ray  # noqa: PLC0415
+    from scalespd.raytools import cluster_cpus, cluster_gpus  # noqa: PLC0415
 
-    ensure_ray(ray_cfg)
+    start(ray_cfg)
     if device == "cuda":
         gpus = cluster_gpus()
         if gpus == 0:
             raise ProfilesError("profiles.device is cuda but the Ray cluster has no GPUs")
-        n_actors = min(cfg.max_concurrency or gpus, len(todo))
-        opts: dict[str, Any] = {"num_gpus": min(1.0, gpus / n_actors), "num_cpus": 1}
+        per_task = ray_cfg.gpus_per_task if ray_cfg else 1.0
+        n_actors = min(cfg.max_concurrency or int(gpus / per_task), len(todo))
+        opts: dict[str, Any] = {"num_gpus": min(per_task, gpus / n_actors), "num_cpus": 1}
         threads = 1
     else:
         cpus = cluster_cpus()
@@ -521,18 +523,14 @@ class HarvestResult:
         }
 
 
-# "auto" uses Ray only for at least this many CI values still to compute: starting actors
-# costs seconds, which small (toy) harvests do not repay.
-AUTO_RAY_MIN_VALUES = 1 << 26
-
-
-def _resolve_executor(executor: str, todo: list[int], layout: BlockLayout,
-                      cfg: ProfilesConfig) -> str:
-    if executor != "auto":
-        return executor
+def _resolve_executor(executor: Executor, todo: list[int], layout: BlockLayout,
+                      cfg: ProfilesConfig, ray_cfg: RayConfig | None = None) -> str:
+    """The policy of scalespd/executor.py; the work is the CI values still to compute, and
+    max_concurrency 1 leaves one block at a time, nothing to share."""
     rows = sum(b - a for a, b in map(layout.block_range, todo))
-    big = rows * layout.n_cols >= AUTO_RAY_MIN_VALUES
-    return "ray" if len(todo) > 1 and big and cfg.max_concurrency != 1 else "local"
+    pieces = len(todo) if cfg.max_concurrency != 1 else 1
+    return choose("profiles", executor, work=rows * layout.n_cols,
+                  minimum=AUTO_MIN_PROFILES_VALUES, pieces=pieces, ray_cfg=ray_cfg)
 
 
 def harvest(
@@ -601,7 +599,8 @@ def harvest(
         blocks_dir.mkdir(exist_ok=True)
 
     todo = [b for b in range(layout.n_blocks) if b not in done]
-    executor = _resolve_executor(cfg.executor, todo, layout, cfg) if todo else "none"
+    setting = cfg.executor or (ray_cfg.executor if ray_cfg else "auto")
+    executor = _resolve_executor(setting, todo, layout, cfg, ray_cfg) if todo else "none"
     log.info("profiles: (%d, %d) %s, %d blocks of %d rows, %d done, %d to do (%s)",
              layout.n_rows, n_cols, cfg.dtype, layout.n_blocks, layout.block_rows, len(done),
              len(todo), executor)

@@ -35,7 +35,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from scalespd.config import SpectralConfig
+from scalespd.config import RayConfig, SpectralConfig
+from scalespd.executor import Executor
 from scalespd.graph import GraphResult
 from scalespd.graph.knn import components, strongest_weight
 from scalespd.spectral.assign import mean_correlation_to_clusters
@@ -116,7 +117,8 @@ def cluster_alive(
     *,
     frac_active: np.ndarray | None = None,
     profiles: Any = None,
-    use_ray: bool = True,
+    executor: Executor = "auto",
+    ray_cfg: RayConfig | None = None,
     device: Device = "cpu",
     progress: bool = False,
 ) -> AliveClustering:
@@ -147,13 +149,15 @@ def cluster_alive(
     W_rest = W[rest][:, rest].tocsr()
     if cfg.mode == "per_component":
         res = cluster_graph_detailed(W_rest, pieces_of[rest], cfg, node_keys=keys[rest],
-                                     use_ray=use_ray, device=device, progress=progress)
+                                     executor=executor, ray_cfg=ray_cfg, device=device,
+                                     progress=progress)
         labels[rest] = res.labels
     else:
         pieces = graph_pieces(W_rest)
         big = rest[pieces[0]] if pieces else np.empty(0, dtype=np.int64)
         res = cluster_graph_detailed(W[big][:, big].tocsr(), None, cfg, node_keys=keys[big],
-                                     use_ray=use_ray, device=device, progress=progress)
+                                     executor=executor, ray_cfg=ray_cfg, device=device,
+                                     progress=progress)
         labels[big] = res.labels
         info["largest_component_size"] = int(big.size)
         t_assign = time.perf_counter()
@@ -175,7 +179,7 @@ def cluster_alive(
         info["assign_seconds"] = time.perf_counter() - t_assign
 
     out = order_by_keys(labels, keys)
-    info.update(n_pieces=res.n_pieces, n_tasks=res.n_tasks,
+    info.update(n_pieces=res.n_pieces, n_tasks=res.n_tasks, executor=res.executor,
                 n_clusters=int(out.max()) + 1 if (out >= 0).any() else 0,
                 timings=res.timings, seconds=time.perf_counter() - t0)
     for r in res.spectra:

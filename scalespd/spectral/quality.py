@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scalespd.config import GraphConfig, SpectralConfig
+from scalespd.config import GraphConfig, RayConfig, SpectralConfig
+from scalespd.executor import Executor
 from scalespd.graph import GraphResult, build_graph
 from scalespd.graph.panels import read_block
 from scalespd.graph.stats import ZERO_VAR_RTOL
@@ -338,7 +339,8 @@ def cluster_quality(
     frac_active: np.ndarray | None = None,
     graph_device: str = "cpu",
     device: Device = "cpu",
-    use_ray: bool = False,
+    executor: Executor = "local",
+    ray_cfg: RayConfig | None = None,
 ) -> dict[str, Any]:
     """The quality.json document of clustering `labels` (see the module docstring).
 
@@ -346,8 +348,8 @@ def cluster_quality(
     graph: its GraphResult (n nodes); labels: (n,) cluster ids 0..C-1 (−1: none) over the
     graph's nodes, as cluster_alive returns them; gcfg / scfg: the configs that made them;
     frac_active: (n,) as given to cluster_alive (needed with always_on_fraction). graph_device:
-    device of the half graphs' tile math; device, use_ray: of the re-clusterings (the half
-    graphs are built in this process)."""
+    device of the half graphs' tile math; device, executor, ray_cfg: of the re-clusterings
+    (the half graphs are built in this process)."""
     t0 = time.perf_counter()
     labels = np.asarray(labels, dtype=np.int64)
     n_rows_total = int(X.shape[0])
@@ -364,7 +366,7 @@ def cluster_quality(
     def recluster(g: GraphResult, cfg: SpectralConfig, Xg: Any) -> np.ndarray:
         profiles = Xg if cfg.mode == "largest_component" else None
         return cluster_alive(g, cfg, frac_active=frac_active, profiles=profiles,
-                             use_ray=use_ray, device=device).labels
+                             executor=executor, ray_cfg=ray_cfg, device=device).labels
 
     # Resampling the rows: two halves per repeat, each graph built and clustered afresh.
     t1 = time.perf_counter()

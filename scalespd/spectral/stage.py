@@ -71,7 +71,6 @@ def write_outputs(
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from scalespd.profiles import open_profiles, read_components  # noqa: PLC0415
-    from scalespd.raytools import ensure_ray  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     scfg = cfg.spectral
@@ -83,10 +82,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     X = open_profiles(run_dir / "profiles")
     profiles = X if scfg.mode == "largest_component" else None
 
-    ensure_ray(cfg.ray)
     device = resolve_device(scfg.device)
-    result = cluster_alive(graph, scfg, frac_active=frac, profiles=profiles, use_ray=True,
-                           device=device)
+    # Ray only if the policy picks it for the pieces there are (a toy graph stays in-process).
+    result = cluster_alive(graph, scfg, frac_active=frac, profiles=profiles, device=device,
+                           executor=cfg.ray.executor, ray_cfg=cfg.ray)
     table = clusters_table(meta, graph.columns, graph.labels, result.labels)
     summary = cluster_summary(table)
     extra: dict[str, Any] = {"k_max": scfg.k_max, "seed": scfg.seed, "device": device,
@@ -96,8 +95,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     alt_cfg = alternative_config(scfg)
     if alt_cfg is not None and needs_alternative(scfg, frac):
         # "Report both": the same graph with the other always-on setting.
-        alt = cluster_alive(graph, alt_cfg, frac_active=frac, profiles=profiles, use_ray=True,
-                            device=device)
+        alt = cluster_alive(graph, alt_cfg, frac_active=frac, profiles=profiles, device=device,
+                            executor=cfg.ray.executor, ray_cfg=cfg.ray)
         alt_table = clusters_table(meta, graph.columns, graph.labels, alt.labels)
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_csv_atomic(alt_table, out_dir / ALTERNATIVE_FILE)
@@ -109,7 +108,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     (out_dir / SPECTRA_FILE).unlink(missing_ok=True)
     (out_dir / QUALITY_FILE).unlink(missing_ok=True)
     quality = cluster_quality(X, graph, result.labels, cfg.graph, scfg, frac_active=frac,
-                              graph_device=resolve_device(cfg.graph.device), device=device)
+                              graph_device=resolve_device(cfg.graph.device), device=device,
+                              executor=cfg.ray.executor, ray_cfg=cfg.ray)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / QUALITY_FILE, quality, indent=1)
     log.info("spectral quality: %s (%.1f s)", headline(quality),

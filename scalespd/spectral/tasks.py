@@ -22,7 +22,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from scalespd.config import SpectralConfig
+from scalespd.config import RayConfig, SpectralConfig
+from scalespd.executor import AUTO_MIN_SPECTRAL_SECONDS, Executor, choose, start
 from scalespd.spectral.core import PieceResult, canonical_labels, cluster_piece
 from scalespd.spectral.eigen import Graph
 
@@ -41,12 +42,14 @@ _PIECE_OVERHEAD = 2.5e-3
 class ClusteringResult:
     """labels (n,): global cluster id per node; spectra: one record per solved piece (size ≥ 3)
     and its recursive splits; n_pieces counts every connected piece (isolated nodes included),
-    n_tasks the solver tasks; timings in seconds."""
+    n_tasks the solver tasks, executor where they ran ("local" or "ray"); timings in
+    seconds."""
 
     labels: np.ndarray
     spectra: list[dict[str, Any]] = field(default_factory=list)
     n_pieces: int = 0
     n_tasks: int = 0
+    executor: str = "local"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -126,7 +129,8 @@ def cluster_graph_detailed(
     cfg: SpectralConfig,
     *,
     node_keys: np.ndarray | None = None,
-    use_ray: bool = True,
+    executor: Executor = "auto",
+    ray_cfg: RayConfig | None = None,
     device: Device = "cpu",
     progress: bool = False,
     num_cpus_per_task: float = 1.0,
@@ -135,8 +139,10 @@ def cluster_graph_detailed(
 
     labels (n,): connected-component labels from the graph stage (or None to compute them).
     node_keys (n,): global ids of the nodes (default 0..n−1); they seed each piece and must be
-    distinct. use_ray: schedule the tasks on Ray (which must be initialised by the caller) or run
-    them in this process. device: "cuda" lets pieces ≥ cfg.gpu_min_nodes run on the GPU.
+    distinct. executor: where the tasks run (scalespd/executor.py: "auto" uses Ray for more than
+    one task of at least AUTO_MIN_SPECTRAL_SECONDS estimated work, or on a configured cluster;
+    Ray is started with `ray_cfg` then). device: "cuda" lets pieces ≥ cfg.gpu_min_nodes run on
+    the GPU (each such task reserves ray_cfg.gpus_per_task GPUs).
     num_cpus_per_task: Ray CPUs each task reserves (fewer concurrent workers when larger)."""
     t0 = time.perf_counter()
     W = sp.csr_matrix(W)
@@ -158,15 +164,18 @@ def cluster_graph_detailed(
     t_prep = time.perf_counter()
 
     results: list[PieceResult | None] = [None] * len(solve)
-    # A single task gains nothing from Ray but pays for a worker process (~1 s cold).
-    if use_ray and len(tasks) > 1:
+    where = choose("spectral", executor, work=sum(costs), minimum=AUTO_MIN_SPECTRAL_SECONDS,
+                   pieces=len(tasks), ray_cfg=ray_cfg) if tasks else "local"
+    if where == "ray":
+        start(ray_cfg)
+        gpus = ray_cfg.gpus_per_task if ray_cfg else 1.0
         remote = _ray_solve()
         refs = []
         for t in tasks:
             big_gpu = device == "cuda" and solve[t[0]].size >= cfg.gpu_min_nodes
             opts: dict[str, Any] = {"num_cpus": num_cpus_per_task}
             if big_gpu:
-                opts["num_gpus"] = 1
+                opts["num_gpus"] = gpus
             refs.append(remote.options(**opts).remote(
                 [subgraphs[i] for i in t], [keys[solve[i]] for i in t], cfg,
                 device if big_gpu else "cpu"))
@@ -199,7 +208,7 @@ def cluster_graph_detailed(
     out = canonical_labels(raw) if n else raw
     spectra.sort(key=lambda r: (r["key"], r["depth"]))
     return ClusteringResult(
-        labels=out, spectra=spectra, n_pieces=len(pieces), n_tasks=len(tasks),
+        labels=out, spectra=spectra, n_pieces=len(pieces), n_tasks=len(tasks), executor=where,
         timings={"prepare": t_prep - t0, "solve": t_solve - t_prep,
                  "assemble": time.perf_counter() - t_solve},
     )

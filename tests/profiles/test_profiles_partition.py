@@ -98,7 +98,9 @@ def test_local_interrupt_then_ray_resume(tmp_path: Path, ray_local) -> None:
 
 
 def test_auto_executor_uses_ray_only_for_big_harvests() -> None:
-    from scalespd.profiles.harvest import AUTO_RAY_MIN_VALUES, _resolve_executor
+    from scalespd.config import RayConfig
+    from scalespd.executor import AUTO_MIN_PROFILES_VALUES as AUTO_RAY_MIN_VALUES
+    from scalespd.profiles.harvest import _resolve_executor
 
     cfg = small_cfg(executor="auto")
     small = BlockLayout.make(1000, 16, 32, 6, 64, 4)
@@ -109,3 +111,6 @@ def test_auto_executor_uses_ray_only_for_big_harvests() -> None:
     assert _resolve_executor("auto", list(range(big.n_blocks)), big,
                              small_cfg(executor="auto", max_concurrency=1)) == "local"
     assert _resolve_executor("ray", [0], small, cfg) == "ray"
+    # A configured cluster: the user asked for Ray, however small the harvest.
+    on_cluster = RayConfig(address="10.0.0.1:6379")
+    assert _resolve_executor("auto", list(range(small.n_blocks)), small, cfg, on_cluster) == "ray"

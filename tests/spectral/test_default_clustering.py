@@ -27,7 +27,7 @@ def cluster_default(X: np.ndarray, frac_active: np.ndarray,
     graph does not depend on the seed, so it is built once)."""
     graph = build_graph(X, GraphConfig())
     return [cluster_alive(graph, SpectralConfig(seed=s), frac_active=frac_active,
-                          use_ray=False).labels for s in seeds]
+                          executor="local").labels for s in seeds]
 
 
 def score(entry: CorpusEntry, clusters: np.ndarray) -> dict:
@@ -130,5 +130,5 @@ def test_the_paper_procedure_fails_where_the_default_does_not() -> None:
     entry = load("tms_40-10-id")
     graph = build_graph(entry.X, PAPER_GRAPH)
     labels = cluster_alive(graph, PAPER_SPECTRAL, frac_active=entry.frac_active,
-                           use_ray=False).labels
+                           executor="local").labels
     assert score(entry, labels)["mechanisms_recovered"] < 38

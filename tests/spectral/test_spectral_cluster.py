@@ -25,7 +25,7 @@ def _assorted(seed: int, n_components: int = 60) -> list[list[int]]:
 
 def test_planted_graph_recovered_with_defaults():
     W, truth, comp = planted_graph(_assorted(0), degree=7, seed=0)
-    res = cluster_graph_detailed(W, comp, SpectralConfig(), use_ray=False)
+    res = cluster_graph_detailed(W, comp, SpectralConfig(), executor="local")
     assert adjusted_rand_score(truth, res.labels) >= 0.95
     # Every component with at most K_max blocks gets exactly its number of blocks as K.
     by_key = {r["key"]: r for r in res.spectra if r["depth"] == 0}
@@ -120,14 +120,14 @@ def test_agrees_with_sklearn_spectral_clustering():
 
 def test_tiny_components_need_no_solver():
     W = sp.csr_matrix(np.array([[0, 0.7, 0], [0.7, 0, 0], [0, 0, 0]]))
-    res = cluster_graph_detailed(W, None, SpectralConfig(), use_ray=False)
+    res = cluster_graph_detailed(W, None, SpectralConfig(), executor="local")
     np.testing.assert_array_equal(res.labels, [0, 0, 1])  # the pair is one cluster
     assert res.spectra == []  # nothing was solved
 
 
 def test_global_ids_ordered_by_smallest_node():
     W, truth, comp = planted_graph(_assorted(1, 20), seed=1)
-    labels = cluster_graph(W, comp, SpectralConfig(), use_ray=False)
+    labels = cluster_graph(W, comp, SpectralConfig(), executor="local")
     _, first = np.unique(labels, return_index=True)
     assert np.all(np.diff(first) > 0)  # cluster c's smallest node < cluster c+1's
     np.testing.assert_array_equal(canonical_labels(labels), labels)
@@ -166,7 +166,7 @@ def test_same_result_whatever_the_packing_and_workers(ray_local):
     W, truth, comp = planted_graph(comps + [[1]] * 5 + [[2]] * 5, bridges=3,
                                    weight_between=(0.05, 0.3), seed=3)
     cfg = SpectralConfig(seed=11)
-    ref = cluster_graph_detailed(W, comp, cfg, use_ray=False)
+    ref = cluster_graph_detailed(W, comp, cfg, executor="local")
     assert ref.n_tasks > 1
     variants = {
         "one piece per task": (cfg.model_copy(update={"min_task_seconds": 1e-9}), 1),
@@ -174,10 +174,10 @@ def test_same_result_whatever_the_packing_and_workers(ray_local):
         "one worker at a time": (cfg, 2),  # each task takes both CPUs
     }
     for name, (c, cpus) in variants.items():
-        res = cluster_graph_detailed(W, comp, c, use_ray=True, num_cpus_per_task=cpus)
+        res = cluster_graph_detailed(W, comp, c, executor="ray", num_cpus_per_task=cpus)
         np.testing.assert_array_equal(res.labels, ref.labels, err_msg=name)
     assert cluster_graph_detailed(W, comp, cfg.model_copy(update={"min_task_seconds": 1e6}),
-                                  use_ray=True).n_tasks == 1
+                                  executor="ray").n_tasks == 1
     # A different seed is allowed to differ, but the truth is recovered either way.
     assert adjusted_rand_score(truth, ref.labels) >= 0.9
 
@@ -191,10 +191,10 @@ def test_node_keys_seed_pieces_independently_of_position():
     n1 = W1.shape[0]
     W2, _, _ = planted_graph([[4, 4], [6]], seed=9)
     keys1 = np.arange(100, 100 + n1)
-    alone = cluster_graph(W1, None, SpectralConfig(), node_keys=keys1, use_ray=False)
+    alone = cluster_graph(W1, None, SpectralConfig(), node_keys=keys1, executor="local")
     both = cluster_graph(sp.block_diag([W2, W1]).tocsr(), None, SpectralConfig(),
                          node_keys=np.concatenate([np.arange(W2.shape[0]), keys1]),
-                         use_ray=False)
+                         executor="local")
     part = both[W2.shape[0]:]
     np.testing.assert_array_equal(canonical_labels(part), canonical_labels(alone))
 

@@ -20,7 +20,7 @@ TAU = 0.1
 def _run(X: np.ndarray, gcfg: GraphConfig, scfg: SpectralConfig, **kw):
     alive = np.flatnonzero(X.max(axis=0) > TAU)
     graph = build_graph(X, gcfg, columns=alive)
-    return alive, graph, cluster_alive(graph, scfg, use_ray=False, **kw)
+    return alive, graph, cluster_alive(graph, scfg, executor="local", **kw)
 
 
 def test_assorted_blocks_with_noise_dead_and_constant_columns():
@@ -134,7 +134,7 @@ def test_always_on_columns_form_their_own_group(grouping):
     graph = build_graph(X, GraphConfig(), columns=alive)
     cfg = SpectralConfig(always_on_fraction=0.9, always_on_max_corr=1.0,
                          always_on_grouping=grouping)
-    res = cluster_alive(graph, cfg, frac_active=frac[alive], use_ray=False)
+    res = cluster_alive(graph, cfg, frac_active=frac[alive], executor="local")
     on = frac[alive] > 0.9
     assert res.always_on.tolist() == on.tolist() and on.sum() == 6
     groups = res.labels[on]
@@ -151,12 +151,12 @@ def test_always_on_columns_form_their_own_group(grouping):
     # paper's failure mode); the default relative edges alone already keep them apart.
     no_group = SpectralConfig(always_on_fraction=None)
     union = build_graph(X, GraphConfig(neighbours="union"), columns=alive)
-    off = cluster_alive(union, no_group, use_ray=False).labels
+    off = cluster_alive(union, no_group, executor="local").labels
     assert set(off[on].tolist()) & set(off[~on].tolist())
-    rel = cluster_alive(graph, no_group, use_ray=False).labels
+    rel = cluster_alive(graph, no_group, executor="local").labels
     assert not set(rel[on].tolist()) & set(rel[~on].tolist())
     with pytest.raises(ValueError, match="frac_active"):
-        cluster_alive(graph, cfg, frac_active=frac[:3], use_ray=False)
+        cluster_alive(graph, cfg, frac_active=frac[:3], executor="local")
 
 
 def test_order_by_keys_keeps_minus_one():
@@ -179,12 +179,12 @@ def test_unpartnered_frequent_columns_are_joined_into_one_cluster():
     n0 = truth.size
     frac = (X > TAU).mean(axis=0)
     graph = build_graph(X, GraphConfig())
-    res = cluster_alive(graph, SpectralConfig(), frac_active=frac, use_ray=False)
+    res = cluster_alive(graph, SpectralConfig(), frac_active=frac, executor="local")
     assert res.always_on[n0:n0 + 3].all() and not res.always_on[n0 + 3:].any()
     assert np.unique(res.labels[n0:n0 + 3]).size == 1
     assert res.labels[n0 + 3] == res.labels[n0 + 4]
     assert not set(res.labels[n0:]) & set(res.labels[:n0])
     assert adjusted_rand_score(truth, res.labels[:n0]) == 1.0
     paper = cluster_alive(graph, SpectralConfig(always_on_fraction=None), frac_active=frac,
-                          use_ray=False)
+                          executor="local")
     assert np.unique(paper.labels[n0:n0 + 3]).size == 3

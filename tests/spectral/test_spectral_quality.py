@@ -40,7 +40,7 @@ def planted() -> dict:
     gcfg = GraphConfig(k=5, device="cpu")
     scfg = SpectralConfig(device="cpu", quality_resamples=1, quality_seeds=2)
     graph = build_graph(X, gcfg)
-    labels = cluster_alive(graph, scfg, use_ray=False).labels
+    labels = cluster_alive(graph, scfg, executor="local").labels
     q = cluster_quality(X, graph, labels, gcfg, scfg)
     return {"X": X, "truth": truth, "graph": graph, "labels": labels, "q": q}
 
@@ -132,7 +132,7 @@ def test_nearest_is_exact_when_the_strongest_outside_link_is_listed() -> None:
     gcfg = GraphConfig(k=6, edge_threshold=0.0, neighbours="union", device="cpu")
     scfg = SpectralConfig(device="cpu", quality_resamples=0, quality_seeds=0)
     graph = build_graph(X, gcfg)
-    labels = cluster_alive(graph, scfg, use_ray=False).labels
+    labels = cluster_alive(graph, scfg, executor="local").labels
     q = cluster_quality(X, graph, labels, gcfg, scfg)
     full = np.corrcoef(X.T.astype(np.float64))
     n_exact = 0
@@ -157,7 +157,7 @@ def test_pure_noise_is_unstable_under_resampling() -> None:
     gcfg = GraphConfig(k=5, edge_threshold=0.1, device="cpu")
     scfg = SpectralConfig(device="cpu", quality_resamples=2, quality_seeds=0)
     graph = build_graph(X, gcfg)
-    labels = cluster_alive(graph, scfg, use_ray=False).labels
+    labels = cluster_alive(graph, scfg, executor="local").labels
     assert labels.max() + 1 < n  # chance edges did make clusters
     q = cluster_quality(X, graph, labels, gcfg, scfg)
     assert q["resample"]["ari_mean"] < 0.5
@@ -172,7 +172,7 @@ def test_quality_off_switches() -> None:
     gcfg = GraphConfig(k=3, device="cpu")
     scfg = SpectralConfig(device="cpu", quality_resamples=0, quality_seeds=0, quality_rows=100)
     graph = build_graph(X, gcfg)
-    labels = cluster_alive(graph, scfg, use_ray=False).labels
+    labels = cluster_alive(graph, scfg, executor="local").labels
     q = cluster_quality(X, graph, labels, gcfg, scfg)
     assert q["resample"] is None and q["seeds"] is None and q["n_rows_sample"] == 100
     assert all(r["stability"] is None for r in q["clusters"])

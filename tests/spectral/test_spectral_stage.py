@@ -114,3 +114,21 @@ def test_stage_refuses_a_graph_of_other_profiles(tmp_path, ray_local):
     with pytest.raises(ValueError, match="not the .* alive components"):
         spectral_stage.run(cfg, tmp_path)
     assert not (tmp_path / "spectral" / "spectra.json").exists()
+
+
+def test_small_run_stays_in_process_without_starting_ray(tmp_path, monkeypatch):
+    """ray.executor auto (the default): a toy-sized graph and clustering never start Ray (the
+    spectral stage used to start it unconditionally, ~6-8 s per run)."""
+    import scalespd.raytools
+
+    def no_ray(*_: object) -> None:
+        raise AssertionError("Ray was started for a toy-sized stage")
+
+    monkeypatch.setattr(scalespd.raytools, "ensure_ray", no_ray)  # what executor.start calls
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _profiles_dir(tmp_path)
+    cfg = RunConfig()
+    graph_stage.run(cfg, tmp_path)
+    spectral_stage.run(cfg, tmp_path)
+    info = json.loads((tmp_path / "spectral" / "spectra.json").read_text())["info"]
+    assert info["executor"] == "local" and info["n_tasks"] >= 1

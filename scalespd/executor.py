@@ -1,0 +1,65 @@
+"""Where a stage's work runs, in this process or as Ray tasks: the one policy every stage asks.
+
+The setting is `ray.executor` (a stage may override it: `profiles.executor`,
+`scalespd.cluster --executor`):
+
+    local   in this process, never Ray
+    ray     Ray tasks / actors (the local Ray this process starts, or the cluster at ray.address
+            / $RAY_ADDRESS)
+    auto    Ray when a cluster is configured (ray.address or $RAY_ADDRESS: the user asked for
+            it) or when the stage's work is large enough to repay starting Ray workers; in
+            either case only when there is more than one piece of work to share
+
+Ray itself is started (or joined) by `start`, only once some stage has chosen it, so a toy run
+whose stages all stay local never starts Ray outside SPD training (which is Ray Train).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from scalespd.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+Executor = Literal["auto", "local", "ray"]
+Where = Literal["local", "ray"]
+
+# The work from which "auto" uses Ray on a single machine. Starting a local Ray costs ~6-8 s and
+# every new worker process ~1 s on the 2-core development machine; below these sizes the work
+# itself takes less than that.
+AUTO_MIN_PROFILES_VALUES = 1 << 26  # CI values still to compute (a 2^26 float32 harvest ~ 10 s)
+AUTO_MIN_GRAPH_TILES = 2  # column tiles (graph.tile_cols wide): one tile is one task anyway
+AUTO_MIN_SPECTRAL_SECONDS = 2.0  # estimated eigensolver seconds over all connected pieces
+
+
+def choose(stage: str, setting: Executor, *, work: float, minimum: float, pieces: int,
+           ray_cfg: RayConfig | None = None) -> Where:
+    """"local" or "ray" for a stage with `pieces` independent pieces of work of total size
+    `work` (in the stage's own unit; `minimum` of them make Ray worth starting)."""
+    from scalespd.raytools import cluster_address  # noqa: PLC0415
+
+    if setting not in ("auto", "local", "ray"):
+        raise ValueError(f"executor must be auto, local or ray, got {setting!r}")
+    if setting != "auto":
+        where: Where = setting
+        why = "as configured"
+    elif pieces < 2:
+        where, why = "local", "one piece of work"
+    elif cluster_address(ray_cfg)[0]:
+        where, why = "ray", "a Ray cluster is configured"
+    elif work >= minimum:
+        where, why = "ray", f"{work:.3g} >= {minimum:.3g}"
+    else:
+        where, why = "local", f"{work:.3g} < {minimum:.3g}, below what Ray workers repay"
+    log.debug("%s: executor %s (%s: %s)", stage, where, setting, why)
+    return where
+
+
+def start(ray_cfg: RayConfig | None = None) -> None:
+    """Start or join Ray for a stage that chose it (once per process)."""
+    from scalespd.raytools import ensure_ray  # noqa: PLC0415
+
+    ensure_ray(ray_cfg)
