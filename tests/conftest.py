@@ -16,14 +16,22 @@ from scalespd.config import RunConfig
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def start_test_ray() -> None:
+    """The tests' local Ray: the machine's 2 CPUs."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500_000_000,
+             log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray with the machine's 2 CPUs, shared by every test that schedules Ray work."""
+    """A local Ray shared by every test that schedules Ray work (a test that needs another Ray
+    restarts this one when it is done)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500_000_000,
-                 log_to_driver=False)
+        start_test_ray()
     yield ray
     ray.shutdown()
 
