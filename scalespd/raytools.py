@@ -63,7 +63,10 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         log.info("connecting to Ray at %s", address)
         check_reachable(cfg)
-        ray.init(address=address, log_to_driver=True)
+        ctx = ray.init(address=address, log_to_driver=True)
+        url = getattr(ctx, "dashboard_url", None)
+        if url:
+            log.info("Ray dashboard: http://%s", url.removeprefix("http://"))
     else:
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus)
         if not log.isEnabledFor(logging.DEBUG):

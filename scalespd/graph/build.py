@@ -52,6 +52,7 @@ from scalespd.graph.stats import (
 from scalespd.graph.threshold import edge_threshold, filter_pairs
 from scalespd.graph.topk import TileSource, empty_topk, merge_topk, row_block_topk
 from scalespd.jsonio import write_json_atomic
+from scalespd.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def pass2_topk(
         # A generator, so each block sees the floors (current k-th values) merged so far.
         results = ((a, *row_block_topk(src, a, k, threshold, xp, floor=ck.vals[:, k - 1]))
                    for a in todo)
-    for a, v, i in results:
+    for a, v, i in bar(results, len(todo), "graph row blocks", "block"):
         sa = panels[a][0]
         ck.vals[sa:], ck.idx[sa:] = merge_topk(ck.vals[sa:], ck.idx[sa:], v, i, k)
         ck.block_done(a)

@@ -41,6 +41,7 @@ from scalespd.backend import Device, array_module, to_numpy
 from scalespd.graph.sparse_io import SparseBlocks
 from scalespd.graph.sparse_plan import SparsePlan, Tile
 from scalespd.graph.topk import merge_topk, topk_rows
+from scalespd.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +261,8 @@ def sparse_topk(
     done per pass, block_done(g)) or None."""
     n = columns.size
     ck = checkpoint if checkpoint is not None else _Lists(n, k, len(plan.groups))
-    for g in range(len(plan.groups)):
-        if ck.done[g]:
-            continue
+    todo = [g for g in range(len(plan.groups)) if not ck.done[g]]
+    for g in bar(todo, len(todo), "graph sparse passes", "pass"):
         p0, v, i = group_topk(X, columns, mean, std, plan, g, threshold, k, piece_rows, device)
         ck.vals[p0:], ck.idx[p0:] = merge_topk(ck.vals[p0:], ck.idx[p0:], v, i, k)
         ck.block_done(g)
