@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -90,12 +91,25 @@ class SparseBlocks:
         for r0, r1 in self.bounds():
             yield r0, r1, self.block(r0, r1)
 
+    @cached_property
+    def _position(self) -> np.ndarray:
+        """(N_total,) int32: each global column's position in `cols`, -1 for the others."""
+        pos = np.full(int(self.X.shape[1]), -1, dtype=np.int32)
+        pos[self.cols] = np.arange(self.cols.size, dtype=np.int32)
+        return pos
+
     def block(self, r0: int, r1: int) -> sp.csc_matrix:
         """(r1 - r0, w) CSC float32 block with sorted indices; NaN / inf are kept (non-zero)."""
         if is_sparse_rows(self.X):
-            # Convert the row slice to CSC first: picking columns of a CSC matrix copies whole
-            # column segments, cheaper than filtering every row of a CSR matrix.
-            out = csr_rows(self.X, r0, r1).tocsc()[:, self.cols]
+            # Pick the entries of `cols` first (one gather over the row slice's entries), then
+            # convert only those: converting all N_total columns to CSC and slicing after cost
+            # ~10x more when `cols` is one pass's share of a wide matrix (8B scale: 1/300).
+            rows = csr_rows(self.X, r0, r1)
+            pos = self._position[rows.indices]
+            keep = np.flatnonzero(pos >= 0)
+            row_of = np.searchsorted(rows.indptr, keep, side="right") - 1
+            out = sp.csc_matrix((rows.data[keep], (row_of, pos[keep])),
+                                shape=(r1 - r0, self.cols.size))
         else:
             out = self._from_dense(r0, r1)
         out = sp.csc_matrix(out, dtype=np.float32)
