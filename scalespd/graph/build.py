@@ -5,7 +5,7 @@ The same plain functions run in this process (the default; NumPy or CuPy) or as 
 correlation tiles); both give identical top-k lists because the top-k order is total.
 
 Pass 2 has two exact paths (graph.correlation): the dense tiled GEMM (`topk`) and the sparse
-co-activation products (`sparse`, in this process), chosen from the column densities that
+co-activation products (`sparse`; with Ray one task per pass), chosen from the column densities that
 pass 1 measures. A sparse input (a scipy sparse matrix or a sparse row source,
 `scalespd.graph.sparse_io`) is also read sparse in pass 1.
 """
@@ -265,18 +265,20 @@ def _sparse_block_rows(X: Any, n_rows: int, row_chunk: int) -> int:
 def _sparse_pass2(
     X: Any, columns: np.ndarray, stats: ZStats, active: np.ndarray, plan: SparsePlan,
     threshold: float, k: int, row_chunk: int, device: str, checkpoint: Path | None,
-    checkpoint_every_s: float,
+    checkpoint_every_s: float, use_ray: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sparse pass 2 over the non-constant columns `columns` (= cols[active]), resumable
     from `checkpoint` like the dense one (its key names the sparse path, so a checkpoint of
-    the other path is never mixed in)."""
+    the other path is never mixed in). use_ray: one Ray task per pass; the tasks open X by
+    path when it has one (a profiles store, .npy, zarr), else get it from the object store."""
     mean, std = stats.mean[active], stats.std[active]
     key = plan_key(columns, mean, std, plan, threshold, k)
     ck = _Checkpoint(checkpoint, key, columns.size, k, len(plan.groups), checkpoint_every_s,
                      dtype=np.float64)
+    source = (describe(X) or X) if use_ray and len(plan.groups) > 1 else None
     return sparse_topk(X, columns, mean, std, plan, threshold, k, row_chunk,
                        device,  # type: ignore[arg-type]
-                       checkpoint=ck)
+                       checkpoint=ck, ray_source=source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,8 +302,9 @@ def build_graph(
     RowSubset (read in (row_chunk, tile_cols) blocks, never whole), or a scipy sparse matrix /
     sparse row source (`scalespd.graph.sparse_io`; read in sparse row blocks). columns: (n,)
     global ids of the alive columns (None: all), in node order. device: "cpu" | "cuda" |
-    "auto" for the tile math. use_ray: run the dense path's panels and row blocks as Ray tasks
-    (Ray must already be initialised, e.g. by scalespd.raytools.ensure_ray); the tasks open X
+    "auto" for the tile math. use_ray: run the dense path's panels and row blocks, or the sparse
+    path's passes, as Ray tasks (Ray must already be initialised, e.g. by
+    scalespd.raytools.ensure_ray); the tasks open X
     themselves from its file or store (`scalespd.graph.source.describe`) and read only their
     blocks. An X they cannot open by path (an in-memory array) is first written once,
     streaming, to a chunked zarr array in a temporary directory inside `scratch_dir` (the
@@ -389,7 +392,7 @@ def build_graph(
             if path == "sparse" and plan is not None:
                 vals, idx = _sparse_pass2(X, cols[active], stats, active, plan, threshold,
                                           k_search, cfg.row_chunk, dev, checkpoint,
-                                          checkpoint_every_s)
+                                          checkpoint_every_s, use_ray)
             else:
                 if use_ray and spec is None:
                     spec = stack.enter_context(ray_source(X, scratch_dir))

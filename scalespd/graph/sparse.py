@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -252,18 +253,26 @@ def plan_key(columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: Spars
 def sparse_topk(
     X: Any, columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan,
     threshold: float, k: int, piece_rows: int, device: Device = "cpu",
-    checkpoint: Any | None = None,
+    checkpoint: Any | None = None, ray_source: Any | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, k) float64 values and int64 local ids of the top-k lists of the n non-constant
     columns `columns` (local order), best first (-inf / -1 padding), from every pass of `plan`.
 
     checkpoint: an object like `scalespd.graph.build._Checkpoint` (vals / idx by position,
-    done per pass, block_done(g)) or None."""
+    done per pass, block_done(g)) or None. ray_source: None (passes run here, one after
+    another), or how Ray tasks reach X — a `SourceSpec` they open, or X itself (an in-memory
+    matrix, put in the object store once): then every pass is one Ray task (passes are
+    independent, and top-k lists in total order merge in any order, so the result is the same)."""
     n = columns.size
     ck = checkpoint if checkpoint is not None else _Lists(n, k, len(plan.groups))
     todo = [g for g in range(len(plan.groups)) if not ck.done[g]]
-    for g in bar(todo, len(todo), "graph sparse passes", "pass"):
-        p0, v, i = group_topk(X, columns, mean, std, plan, g, threshold, k, piece_rows, device)
+    if ray_source is not None:
+        results = _ray_groups(ray_source, columns, mean, std, plan, todo, threshold, k,
+                              piece_rows, device)
+    else:
+        results = ((g, *group_topk(X, columns, mean, std, plan, g, threshold, k, piece_rows,
+                                   device)) for g in todo)
+    for g, p0, v, i in bar(results, len(todo), "graph sparse passes", "pass"):
         ck.vals[p0:], ck.idx[p0:] = merge_topk(ck.vals[p0:], ck.idx[p0:], v, i, k)
         ck.block_done(g)
         log.debug("graph: sparse pass %d/%d merged", g + 1, len(plan.groups))
@@ -271,6 +280,34 @@ def sparse_topk(
     vals, idx = empty_lists(n, k)
     vals[plan.order], idx[plan.order] = ck.vals, ck.idx
     return vals, idx
+
+
+def _ray_group_task(
+    source: Any, columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan,
+    g: int, threshold: float, k: int, piece_rows: int, device: Device,
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Pass g in a Ray worker: X from its SourceSpec (opened here) or the object store."""
+    X = source.open() if callable(getattr(source, "open", None)) else source
+    return (g, *group_topk(X, columns, mean, std, plan, g, threshold, k, piece_rows, device))
+
+
+def _ray_groups(
+    source: Any, columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan,
+    todo: list[int], threshold: float, k: int, piece_rows: int, device: Device,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Passes `todo` as Ray tasks (one each, at most one CPU or GPU each); yields their lists
+    as they finish. The (n,) vectors and the plan are put in the object store once."""
+    import ray  # noqa: PLC0415
+
+    task = ray.remote(_ray_group_task).options(num_cpus=1,
+                                                num_gpus=1 if device == "cuda" else 0)
+    shared = [ray.put(x) for x in (source, columns, mean, std, plan)]
+    # One list of arguments: Ray's typed `.remote` overloads stop at 9 parameters.
+    args: list[list[Any]] = [[*shared, g, threshold, k, piece_rows, device] for g in todo]
+    pending = [task.remote(*a) for a in args]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
 
 
 class _Lists:

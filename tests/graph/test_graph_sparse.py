@@ -299,3 +299,18 @@ def test_stage_sparse_equals_dense(tmp_path) -> None:
         assert info["n_edges"] == results[path].summary["n_edges"]
     _assert_same_graph(results["sparse"], results["dense"])
     assert results["sparse"].summary["n_edges"] > 0
+
+
+def test_sparse_passes_as_ray_tasks_equal_in_process(ray_local, tmp_path) -> None:
+    """One Ray task per pass, reading X from the object store (an in-memory matrix) or opening
+    it by path (a zarr store): the same lists, edges and components as one process."""
+    X = lm_like_profiles(n_rows=1500, n_cols=90, seed=8)
+    Z = zarr.create_array(tmp_path / "ci.zarr", shape=X.shape, chunks=(512, 40), dtype="float32")
+    Z[:] = X
+    cfg = _cfg("sparse", tile_cols=8)  # a small accumulator budget: many passes
+    local = build_graph(sp.csr_matrix(X), cfg)
+    assert local.summary["correlation"]["plan"]["n_passes"] > 3
+    for source in (sp.csr_matrix(X), Z):
+        got = build_graph(source, cfg, use_ray=True)
+        assert got.summary["ray"]
+        _assert_same_graph(got, local)
