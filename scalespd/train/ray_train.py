@@ -67,6 +67,10 @@ RAY_RUN_NAME = "decompose"  # stable: a re-run of the same run directory resumes
 CHECKPOINTS_TO_KEEP = 3
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
+# Rank 0 writes decompose/progress.json ({"step", "steps"}) every this many steps; the driver
+# draws a progress bar from it on a terminal (the workers run in other processes).
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY = 10
 HEATMAP_FILE = "ci_heatmap.png"
 ATTEMPTS_FILE = "attempts.jsonl"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's name for it
@@ -297,6 +301,54 @@ def _write_text(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+def write_progress(run_dir: Path, step: int, steps: int) -> None:
+    """decompose/progress.json, replaced atomically (the driver may read it at any time).
+    Advisory only: a write that fails (a full disk) is skipped, and the checkpoint writes
+    report the storage problem."""
+    path = decompose_dir(run_dir) / PROGRESS_FILE
+    tmp = path.with_name(f".{PROGRESS_FILE}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"step": step, "steps": steps}))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+class _ProgressBar:
+    """On a terminal, a driver-side bar of the training steps, read from progress.json once a
+    second by a daemon thread while trainer.fit() runs; nothing elsewhere."""
+
+    def __init__(self, run_dir: Path, steps: int) -> None:
+        self.path = decompose_dir(run_dir) / PROGRESS_FILE
+        self.steps = steps
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _ProgressBar:
+        from scalespd.progress import on_terminal  # noqa: PLC0415
+
+        if on_terminal():
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        with tqdm(total=self.steps, desc="decompose steps", unit="step", leave=False) as bar:
+            while not self.stop.wait(1.0):
+                try:
+                    step = int(json.loads(self.path.read_text())["step"])
+                except (OSError, ValueError, KeyError):
+                    continue  # not written yet
+                bar.update(max(0, step - bar.n))
+
+
 def _staging_dir(root: Path, step: int) -> Path:
     """Where rank 0 writes the checkpoint of `step` before `_commit_checkpoint` renames it into
     place: in the checkpoint folder itself, so the commit is a rename on the same file system."""
@@ -464,6 +516,8 @@ def _train(config: dict[str, Any]) -> None:
             log.info("decompose step %d/%d  loss %.4g  (%.1f steps/s)", step, dcfg.steps,
                      metrics.get("total", float("nan")),
                      steps_done / max(time.perf_counter() - t0, 1e-9))
+        if rank == 0 and step % PROGRESS_EVERY == 0:
+            write_progress(run_dir, step, dcfg.steps)
 
     if rank == 0:
         if eval_metrics is None:
@@ -645,7 +699,8 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     previous_sigint = signal.getsignal(signal.SIGINT) if on_main else None
     t0 = time.perf_counter()
     try:
-        trainer.fit()
+        with _ProgressBar(run_dir, dcfg.steps):
+            trainer.fit()
     except KeyboardInterrupt:
         trainer.abort()  # e.g. SIGTERM turned into KeyboardInterrupt by the CLI: stop workers
         raise
