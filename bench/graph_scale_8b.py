@@ -31,8 +31,9 @@ correlations (correlation), the top-k selection from it (select), the merges of 
 the rest (allocations, the loop) is `other`. Each piece is fitted to the count it should be
 proportional to, counted exactly on the data for the plan that ran (`plan_features`):
 
-    read         passes × stored entries of the rows (every pass converts whole row blocks),
-                 and the entries of the pass's partner columns
+    read         passes × stored entries of the rows (every pass reads whole row blocks and
+                 looks up the column position of each of their entries), and the entries of
+                 the pass's partner columns (the only ones converted to CSC, since 37fc10b)
     products     co-activations of the spgemm tiles (Σ over rows of tile non-zeros × partner
                  non-zeros), multiply-adds of the spmm tiles, partner entries sliced per spgemm
                  tile, accumulator values per row block (a product added as a dense array:
@@ -60,6 +61,7 @@ import argparse
 import heapq
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -522,8 +524,9 @@ def project(out: dict[str, Any], X_big: BlockedCSR, cfg: GraphConfig, args: argp
         },
         "ray_cluster": {
             "partition": "one task per pass (passes are independent; their lists merge in "
-                         "any order); NOT implemented today: build_graph runs the sparse "
-                         "pass 2 in one process",
+                         "any order): build_graph(use_ray=True) runs the sparse pass 2 so "
+                         "(sparse.sparse_topk with ray_source, since cdbdc1b); the times are "
+                         "projected from one-process measurements, not measured on a cluster",
             "by_gpus": cluster,
             "per_task": "reads every row block of the store once (its partner columns), "
                         "holds <= acc budget of accumulators + one row block, returns "
@@ -533,6 +536,15 @@ def project(out: dict[str, Any], X_big: BlockedCSR, cfg: GraphConfig, args: argp
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def git_head() -> str | None:
+    """The commit of the code measured (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main() -> None:
@@ -561,7 +573,8 @@ def main() -> None:
     install_clocks()
     cfg = GraphConfig(k=10, device="cpu", correlation="sparse")
     t_start = time.perf_counter()
-    out: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"out": str(args.out)},
+    out: dict[str, Any] = {"machine": machine(), "code_commit": git_head(),
+                           "args": vars(args) | {"out": str(args.out)},
                            "problem": {"n_total": N_TOTAL, "n_alive": N_ALIVE, "rows": M_FULL,
                                        "rate_exponent": 1.5,
                                        "hubs_always_on": "20 and 4 per 8,400 alive columns"}}
