@@ -28,6 +28,11 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+# A sparse row block whose selected columns hold at least this share of its entries is
+# converted whole and sliced; below it only the selected entries are converted (measured on
+# 8B-shaped blocks: whole conversion 0.034 s at any share; selection first 0.05 s at 44%,
+# 0.014 s at 20%, 0.008 s at 0.3%).
+_WHOLE_SHARE = 0.3
 # Dense pieces read from a dense X while building one sparse block stay below this size.
 _PIECE_BYTES = 32 << 20
 
@@ -101,15 +106,20 @@ class SparseBlocks:
     def block(self, r0: int, r1: int) -> sp.csc_matrix:
         """(r1 - r0, w) CSC float32 block with sorted indices; NaN / inf are kept (non-zero)."""
         if is_sparse_rows(self.X):
-            # Pick the entries of `cols` first (one gather over the row slice's entries), then
-            # convert only those: converting all N_total columns to CSC and slicing after cost
-            # ~10x more when `cols` is one pass's share of a wide matrix (8B scale: 1/300).
             rows = csr_rows(self.X, r0, r1)
             pos = self._position[rows.indices]
-            keep = np.flatnonzero(pos >= 0)
-            row_of = np.searchsorted(rows.indptr, keep, side="right") - 1
-            out = sp.csc_matrix((rows.data[keep], (row_of, pos[keep])),
-                                shape=(r1 - r0, self.cols.size))
+            keep = pos >= 0
+            before = np.zeros(rows.nnz + 1, dtype=np.int64)  # kept entries before each entry
+            np.cumsum(keep, out=before[1:])
+            if before[-1] >= _WHOLE_SHARE * rows.nnz:
+                # Many entries stay (an early pass, over most columns): converting the whole
+                # slice to CSC and taking column segments is the cheaper way.
+                out = rows.tocsc()[:, self.cols]
+            else:
+                # A narrow share (the later passes of a wide matrix: 1/300 at 8B scale): keep
+                # its entries first, as CSR with the columns renumbered, and convert only those.
+                out = sp.csr_matrix((rows.data[keep], pos[keep], before[rows.indptr]),
+                                    shape=(r1 - r0, self.cols.size)).tocsc()
         else:
             out = self._from_dense(r0, r1)
         out = sp.csc_matrix(out, dtype=np.float32)

@@ -314,3 +314,22 @@ def test_sparse_passes_as_ray_tasks_equal_in_process(ray_local, tmp_path) -> Non
         got = build_graph(source, cfg, use_ray=True)
         assert got.summary["ray"]
         _assert_same_graph(got, local)
+
+
+@pytest.mark.parametrize("share", ["wide", "narrow"])
+def test_sparse_blocks_select_columns_in_their_order(share: str) -> None:
+    """Both ways a sparse row block is built (whole conversion, or selection first when the
+    columns hold few of its entries) give X[r0:r1, cols], columns in the order asked for."""
+    X = lm_like_profiles(n_rows=600, n_cols=200, seed=9)
+    csr = sp.csr_matrix(X)
+    rng = np.random.default_rng(0)
+    nnz = (X != 0).sum(axis=0)
+    if share == "wide":
+        cols = rng.permutation(X.shape[1])
+    else:  # a few sparse columns: far below the whole-conversion share
+        cols = rng.permutation(np.argsort(nnz)[:12])
+    assert (nnz[cols].sum() >= 0.3 * nnz.sum()) == (share == "wide")
+    blocks = SparseBlocks(csr, cols, 256, 256)
+    for r0, r1, B in blocks:
+        assert B.format == "csc" and B.has_sorted_indices and B.dtype == np.float32
+        np.testing.assert_array_equal(B.toarray(), X[r0:r1][:, cols])
