@@ -108,17 +108,17 @@ class SparseBlocks:
         if is_sparse_rows(self.X):
             rows = csr_rows(self.X, r0, r1)
             pos = self._position[rows.indices]
-            keep = pos >= 0
-            before = np.zeros(rows.nnz + 1, dtype=np.int64)  # kept entries before each entry
-            np.cumsum(keep, out=before[1:])
-            if before[-1] >= _WHOLE_SHARE * rows.nnz:
+            keep = np.flatnonzero(pos >= 0)  # ascending entry numbers
+            if keep.size >= _WHOLE_SHARE * rows.nnz:
                 # Many entries stay (an early pass, over most columns): converting the whole
                 # slice to CSC and taking column segments is the cheaper way.
                 out = rows.tocsc()[:, self.cols]
             else:
                 # A narrow share (the later passes of a wide matrix: 1/300 at 8B scale): keep
                 # its entries first, as CSR with the columns renumbered, and convert only those.
-                out = sp.csr_matrix((rows.data[keep], pos[keep], before[rows.indptr]),
+                # Row i's kept entries start at the number of kept entries before indptr[i].
+                indptr = np.searchsorted(keep, rows.indptr)
+                out = sp.csr_matrix((rows.data[keep], pos[keep], indptr),
                                     shape=(r1 - r0, self.cols.size)).tocsc()
         else:
             out = self._from_dense(r0, r1)
