@@ -84,7 +84,7 @@ from scalespd.errors import (
     UserError,
     storage_error,
 )
-from scalespd.executor import AUTO_MIN_GRAPH_TILES, choose, start
+from scalespd.executor import choose_graph
 from scalespd.graph.source import NpyFile, RowSubset, peak_rss_mb, row_subset
 from scalespd.graph.sparse_io import SparseBlocks, as_row_sliceable, is_sparse_rows
 from scalespd.graph.sparse_plan import BLOCK_NNZ, block_rows_for
@@ -713,11 +713,11 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                  "" if partial is None else f" (finished blocks only: {partial['finished_blocks']}"
                  f" of {partial['n_blocks']}, {M} of {partial['rows_total']} rows)")
 
-        tiles = -(-alive.size // gcfg.tile_cols)
-        use_ray = choose("graph", args.executor, work=tiles, minimum=AUTO_MIN_GRAPH_TILES,
-                         pieces=tiles) == "ray"
+        use_ray = choose_graph(args.executor, alive.size, gcfg.tile_cols) == "ray"
         if use_ray:
-            start()
+            from scalespd.raytools import ensure_ray  # noqa: PLC0415
+
+            ensure_ray()
 
         t1 = time.perf_counter()
         # Ray tasks open PROFILES themselves and read only their blocks; an input they could

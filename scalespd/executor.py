@@ -10,7 +10,8 @@ The setting is `ray.executor` (a stage may override it: `profiles.executor`,
             it) or when the stage's work is large enough to repay starting Ray workers; in
             either case only when there is more than one piece of work to share
 
-Ray itself is started (or joined) by `start`, only once some stage has chosen it, so a toy run
+Ray itself is started (or joined, `scalespd.raytools.ensure_ray`) only once some stage has
+chosen it, so a toy run
 whose stages all stay local never starts Ray outside SPD training (which is Ray Train).
 """
 
@@ -58,8 +59,9 @@ def choose(stage: str, setting: Executor, *, work: float, minimum: float, pieces
     return where
 
 
-def start(ray_cfg: RayConfig | None = None) -> None:
-    """Start or join Ray for a stage that chose it (once per process)."""
-    from scalespd.raytools import ensure_ray  # noqa: PLC0415
-
-    ensure_ray(ray_cfg)
+def choose_graph(setting: Executor, n_columns: int, tile_cols: int,
+                 ray_cfg: RayConfig | None = None) -> Where:
+    """The graph stage's choice: its pieces are the column tiles (graph.tile_cols wide)."""
+    tiles = -(-n_columns // tile_cols)
+    return choose("graph", setting, work=tiles, minimum=AUTO_MIN_GRAPH_TILES, pieces=tiles,
+                  ray_cfg=ray_cfg)

@@ -235,18 +235,13 @@ class SourceSpec:
         if self.kind == "npy":
             X = NpyFile(self.path, self.shape, np.dtype(self.dtype), self.fortran_order,
                         self.offset)
-        elif self.kind == "csr":
-            from scalespd.profiles.sparse_store import SparseProfiles  # noqa: PLC0415
-
-            X = SparseProfiles(self.path)
-            if tuple(X.shape) != self.shape or str(X.dtype) != self.dtype:
-                raise RuntimeError(
-                    f"{self.path} changed while it was being read: shape {tuple(X.shape)} "
-                    f"dtype {X.dtype}, expected {self.shape} {self.dtype}")
         else:
             import zarr  # noqa: PLC0415
 
-            X = zarr.open_array(self.path, mode="r")
+            from scalespd.profiles.sparse_store import SparseProfiles  # noqa: PLC0415
+
+            X = (SparseProfiles(self.path) if self.kind == "csr"
+                 else zarr.open_array(self.path, mode="r"))
             if tuple(X.shape) != self.shape or str(X.dtype) != self.dtype:
                 raise RuntimeError(
                     f"{self.path} changed while it was being read: shape {tuple(X.shape)} "

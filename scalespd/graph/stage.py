@@ -20,7 +20,7 @@ import numpy as np
 from scalespd.backend import resolve_device
 from scalespd.config import RunConfig
 from scalespd.errors import StageInputError
-from scalespd.executor import AUTO_MIN_GRAPH_TILES, choose, start
+from scalespd.executor import choose_graph
 from scalespd.graph.build import SUMMARY, GraphResult, build_graph
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             return _manifest_info(old)
 
     device = resolve_device(cfg.graph.device)
-    tiles = -(-columns.size // cfg.graph.tile_cols)
-    use_ray = choose("graph", cfg.ray.executor, work=tiles, minimum=AUTO_MIN_GRAPH_TILES,
-                     pieces=tiles, ray_cfg=cfg.ray) == "ray"
+    use_ray = choose_graph(cfg.ray.executor, columns.size, cfg.graph.tile_cols, cfg.ray) == "ray"
     if use_ray:
-        start(cfg.ray)
+        from scalespd.raytools import ensure_ray  # noqa: PLC0415
+
+        ensure_ray(cfg.ray)
     checkpoint = out / CHECKPOINT
     result: GraphResult = build_graph(X, cfg.graph, columns, device=device, use_ray=use_ray,
                                       checkpoint=checkpoint)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from scalespd.backend import resolve_device
 from scalespd.config import ProfilesConfig, RayConfig
 from scalespd.errors import naming_file
-from scalespd.executor import AUTO_MIN_PROFILES_VALUES, Executor, choose, start
+from scalespd.executor import AUTO_MIN_PROFILES_VALUES, Executor, choose
 from scalespd.profiles.reader import (
     BLOCKS_DIR,
     CI_FILE,
@@ -48,6 +48,7 @@ from scalespd.profiles.reader import (
     SUMMARY_FILE,
 )
 from scalespd.profiles.sources import RowSource
+from scalespd.profiles.sparse_store import STORAGE as CSR_STORAGE
 from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store
 from scalespd.profiles.sparse_store import remove_temporaries as remove_csr_temporaries
 from scalespd.profiles.stats import ColumnStats, atomic_write_npz, merge_all
@@ -196,7 +197,7 @@ def compute_block_ci(
     n_cols = sum(m["C"] for m in modules)
     n_rows = x.shape[0] * rows_per_input
     batch_inputs = max(1, batch_rows // rows_per_input)
-    need = min(n_rows, batch_inputs * rows_per_input) if sparse else n_rows
+    need = batch_buffer_rows(batch_rows, rows_per_input, n_rows) if sparse else n_rows
     if out is None:
         out = np.empty((need, n_cols), dtype=dtype)
     elif out.shape[0] < need or out.shape[1:] != (n_cols,) or out.dtype != dtype:
@@ -348,7 +349,7 @@ def _run_local(
     block b+1 is computed, so at most two blocks are in memory: two block buffers take turns
     (the one just written is filled by the block after next). Results come in block order; a
     failed write raises here, when its result is taken."""
-    chunks = ChunkWriter.for_array(ci) if isinstance(ci, zarr.Array) else None  # writer thread
+    chunks = ChunkWriter.for_array(ci)  # used by the writer thread only
     free: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles-writer") as pool:
         pending: tuple[Future[BlockResult], np.ndarray] | None = None
@@ -400,7 +401,7 @@ class _HarvestWorker:
         fields = source.row_fields()
         self.inputs = (zarr.open_group(str(self.out_dir / INPUTS_FILE), mode="r+")
                        if fields else None)
-        self.chunks = ChunkWriter.for_array(self.ci) if isinstance(self.ci, zarr.Array) else None
+        self.chunks = ChunkWriter.for_array(self.ci)
         # One block at a time per actor: reused.
         self.buf = _block_buffer(layout, cfg, rows_per_input(source))
 
@@ -417,9 +418,9 @@ def _run_on_ray(
     """Yield BlockResults as Ray actors finish blocks (at most one block in flight per actor)."""
     import ray  # noqa: PLC0415
 
-    from scalespd.raytools import cluster_cpus, cluster_gpus  # noqa: PLC0415
+    from scalespd.raytools import cluster_cpus, cluster_gpus, ensure_ray  # noqa: PLC0415
 
-    start(ray_cfg)
+    ensure_ray(ray_cfg)
     if device == "cuda":
         gpus = cluster_gpus()
         if gpus == 0:
@@ -564,7 +565,7 @@ def harvest(
         "input_set": source.describe(),
         "block_rows": layout.block_rows,
         "model_hash": model_hash or model_fingerprint(model),
-        "storage": "csr" if cfg.storage == "sparse" else "dense",
+        "storage": CSR_STORAGE if cfg.storage == "sparse" else "dense",
         "zero_below": cfg.zero_below,
     }
     if cfg.storage == "sparse":  # a group has no shape or dtype of its own

@@ -20,6 +20,7 @@ unchanged.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -256,8 +257,6 @@ def is_sparse_store(path: str | Path) -> bool:
     meta = Path(path) / "zarr.json"
     if not meta.is_file():
         return False
-    import json  # noqa: PLC0415
-
     try:
         return json.loads(meta.read_text()).get("node_type") == "group"
     except (OSError, ValueError):

@@ -405,7 +405,9 @@ class ChunkWriter:
         self._buf: np.ndarray | None = None  # one chunk, reused (no page faults per chunk)
 
     @classmethod
-    def for_array(cls, arr: zarr.Array) -> ChunkWriter | None:
+    def for_array(cls, arr: zarr.Array | SparseTarget) -> ChunkWriter | None:
+        if not isinstance(arr, zarr.Array):  # a sparse store: written block group by group
+            return None
         meta = arr.metadata
         # A zarr v3 array has a codec list; v2 metadata has none (and is not used here).
         codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from scalespd.config import RayConfig, SpectralConfig
-from scalespd.executor import AUTO_MIN_SPECTRAL_SECONDS, Executor, choose, start
+from scalespd.executor import AUTO_MIN_SPECTRAL_SECONDS, Executor, choose
 from scalespd.spectral.core import PieceResult, canonical_labels, cluster_piece
 from scalespd.spectral.eigen import Graph
 
@@ -167,7 +167,9 @@ def cluster_graph_detailed(
     where = choose("spectral", executor, work=sum(costs), minimum=AUTO_MIN_SPECTRAL_SECONDS,
                    pieces=len(tasks), ray_cfg=ray_cfg) if tasks else "local"
     if where == "ray":
-        start(ray_cfg)
+        from scalespd.raytools import ensure_ray  # noqa: PLC0415
+
+        ensure_ray(ray_cfg)
         gpus = ray_cfg.gpus_per_task if ray_cfg else 1.0
         remote = _ray_solve()
         refs = []

@@ -124,7 +124,7 @@ def test_small_run_stays_in_process_without_starting_ray(tmp_path, monkeypatch):
     def no_ray(*_: object) -> None:
         raise AssertionError("Ray was started for a toy-sized stage")
 
-    monkeypatch.setattr(scalespd.raytools, "ensure_ray", no_ray)  # what executor.start calls
+    monkeypatch.setattr(scalespd.raytools, "ensure_ray", no_ray)  # how every stage starts Ray
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     _profiles_dir(tmp_path)
     cfg = RunConfig()
