@@ -12,6 +12,9 @@ import pytest
 from scalespd import run as runmod
 from scalespd.config import RunConfig
 
+# memory:// and s3:// run directories (the S3 server starts only for tests that ask for it).
+pytest_plugins = ["tests.object_stores"]
+
 # Two cores: keep torch from oversubscribing them when Ray workers also run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
