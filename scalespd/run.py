@@ -27,16 +27,16 @@ import importlib.metadata
 import json
 import logging
 import platform
-import shutil
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from upath import UPath
 
 from scalespd.config import RunConfig, config_to_yaml, load_config
 from scalespd.errors import (
@@ -49,12 +49,13 @@ from scalespd.errors import (
     storage_error,
 )
 from scalespd.jsonio import write_json_atomic, write_text_atomic
+from scalespd.storage import PathLike, as_path, remove, url
 
 log = logging.getLogger("scalespd")
 
 STAGES: tuple[str, ...] = ("target", "decompose", "profiles", "graph", "spectral", "evaluate",
                            "report")
-# Each stage module exposes `run(cfg: RunConfig, run_dir: Path) -> dict` returning a small
+# Each stage module exposes `run(cfg: RunConfig, run_dir: UPath) -> dict` returning a small
 # JSON-able summary for the manifest, and writes under run_dir/<stage>.
 STAGE_MODULES: dict[str, str] = {
     "target": "scalespd.targets.stage",
@@ -108,18 +109,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _entries(folder: Path) -> set[str]:
+def _entries(folder: UPath) -> set[str]:
     """Names of the entries directly inside `folder` (empty if it does not exist)."""
     return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
 
 @dataclass
 class Manifest:
-    path: Path
+    path: UPath
     data: dict[str, Any] = field(default_factory=lambda: {"stages": {}})
 
     @classmethod
-    def load(cls, run_dir: Path) -> Manifest | None:
+    def load(cls, run_dir: UPath) -> Manifest | None:
         """The run directory's manifest; None if it has none. A manifest that is not valid
         JSON, or not scalespd's, is an error: it is never overwritten."""
         path = run_dir / MANIFEST
@@ -159,7 +160,7 @@ class Manifest:
         self.data["stages"][stage] = rec
         self.save()
 
-    def ours(self, stage: str, folder: Path) -> set[str]:
+    def ours(self, stage: str, folder: UPath) -> set[str]:
         """Entries of a stage folder that scalespd wrote: the recorded `files` of a complete
         stage; for an unfinished one, everything except what was there before it started."""
         rec = self.record(stage)
@@ -214,7 +215,7 @@ def validate_run(cfg: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -
 # --------------------------------------------------------------------------------------------
 
 
-def open_run_dir(run_dir: Path) -> Manifest | None:
+def open_run_dir(run_dir: UPath) -> Manifest | None:
     """The manifest of an existing scalespd run directory, None for a new or empty one.
     Anything else (a file, a path under a file, a folder of other files) is refused."""
     for parent in [run_dir, *run_dir.parents]:
@@ -241,7 +242,7 @@ class Plan:
 
 
 def plan_run(manifest: Manifest, cfg: RunConfig, selected: list[str], forced: set[str],
-             run_dir: Path) -> Plan:
+             run_dir: UPath) -> Plan:
     """Decide what to run and what to invalidate; refuse what would lose finished work or
     cannot be done (a stage selected without the stages it needs)."""
     def changed(stage: str) -> bool:
@@ -277,18 +278,15 @@ def plan_run(manifest: Manifest, cfg: RunConfig, selected: list[str], forced: se
     return Plan(to_run, invalidate)
 
 
-def remove_outputs(manifest: Manifest, stage: str, run_dir: Path) -> None:
+def remove_outputs(manifest: Manifest, stage: str, run_dir: UPath) -> None:
     """Remove what scalespd wrote for `stage` and mark it invalidated; files it did not write
     stay where they are (logged)."""
     folder = run_dir / stage
     ours = manifest.ours(stage, folder)
     for name in sorted(ours):
         p = folder / name
-        log.info("[%s] removing %s", stage, p)
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        log.info("[%s] removing %s", stage, url(p))
+        remove(p)
     left = _entries(folder)
     if left:
         log.warning("[%s] keeping %s in %s: scalespd did not write %s", stage,
@@ -301,7 +299,7 @@ def remove_outputs(manifest: Manifest, stage: str, run_dir: Path) -> None:
         manifest.save()
 
 
-def write_snapshot(run_dir: Path, cfg: RunConfig) -> None:
+def write_snapshot(run_dir: UPath, cfg: RunConfig) -> None:
     """config.yaml = the resolved config of the run; the one it replaces is kept as
     config.previous.yaml."""
     snapshot, new_yaml = run_dir / CONFIG_SNAPSHOT, config_to_yaml(cfg)
@@ -328,11 +326,13 @@ def _forced(force: list[str] | None) -> set[str]:
 
 def run_pipeline(
     cfg: RunConfig,
-    run_dir: Path,
+    run_dir: PathLike,
     stages: list[str] | None = None,
     force: list[str] | None = None,
 ) -> Manifest:
-    """Run (or resume) the selected stages in order. Writes nothing when nothing is to do."""
+    """Run (or resume) the selected stages in order. Writes nothing when nothing is to do.
+    `run_dir` is a local path or an fsspec URL (`scalespd.storage`)."""
+    run_dir = as_path(run_dir)
     selected = list(STAGES) if not stages else [s for s in STAGES if s in stages]
     forced = _forced(force)
     validate_run(cfg, selected)
@@ -357,7 +357,7 @@ def run_pipeline(
     return manifest
 
 
-def run_stage(manifest: Manifest, cfg: RunConfig, stage: str, run_dir: Path) -> None:
+def run_stage(manifest: Manifest, cfg: RunConfig, stage: str, run_dir: UPath) -> None:
     """Run one stage, recording running / complete / failed / interrupted in the manifest."""
     module = importlib.import_module(STAGE_MODULES[stage])
     folder = run_dir / stage
@@ -411,7 +411,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config, each field with its meaning, and exit "
                         "(the reference: docs/config.md)")
-    p.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>)")
+    p.add_argument("--run-dir", type=as_path,
+                   help="run directory: a local path or an fsspec URL such as s3://bucket/runs/x "
+                        "(default: runs/<name>)")
     p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages")
     p.add_argument("--force", nargs="+", choices=(*STAGES, "all"), default=[],
                    help="redo these stages (and the ones after them)")
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(commented_yaml(cfg))
             return 0
-        run_dir = args.run_dir or Path("runs") / cfg.name
+        run_dir = args.run_dir or as_path("runs") / cfg.name
         manifest = run_pipeline(cfg, run_dir, args.stages, args.force)
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED_MESSAGE}", file=sys.stderr)
@@ -462,14 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_summary(run_dir: Path, manifest: Manifest) -> None:
-    print(f"\nrun directory: {run_dir}")
+def _print_summary(run_dir: UPath, manifest: Manifest) -> None:
+    print(f"\nrun directory: {url(run_dir)}")
     for stage, rec in manifest.data["stages"].items():
         secs = rec.get("seconds")
         print(f"  {stage:<10} {rec['status']:<11} {'' if secs is None else f'{secs:8.1f} s'}")
     report = run_dir / "report" / "index.html"
     if report.exists():
-        print(f"report: {report}")
+        print(f"report: {url(report)}")
 
 
 if __name__ == "__main__":

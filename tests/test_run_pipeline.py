@@ -1,5 +1,6 @@
 """The orchestrator's bookkeeping (skip, --force, stale configs), with stand-in stage modules so
-it is tested independently of the real stages."""
+it is tested independently of the real stages. Every test runs with the run directory on a local
+disk, on memory:// and on s3:// (a local S3 server): the same rules hold on every store."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ import pytest
 
 from scalespd import run as runmod
 from scalespd.config import RunConfig, parse_config
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder each test works in, on each kind of store (shadows pytest's own tmp_path)."""
+    if request.param == "local":
+        return tmp_path_factory.mktemp("run")
+    return request.getfixturevalue(f"{request.param}_dir")
 
 
 def test_runs_all_then_skips(tmp_path: Path, fake_stages: list[str]) -> None:
