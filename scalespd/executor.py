@@ -10,6 +10,9 @@ The setting is `ray.executor` (a stage may override it: `profiles.executor`,
             it) or when the stage's work is large enough to repay starting Ray workers; in
             either case only when there is more than one piece of work to share
 
+Work on a run directory that only this process can see (memory://) always stays local: Ray
+workers are other processes.
+
 Ray itself is started (or joined, `scalespd.raytools.ensure_ray`) only once some stage has
 chosen it, so a toy run
 whose stages all stay local never starts Ray outside SPD training (which is Ray Train).
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from scalespd.config import RayConfig
+    from scalespd.storage import PathLike
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,21 @@ AUTO_MIN_SPECTRAL_SECONDS = 2.0  # estimated eigensolver seconds over all connec
 
 
 def choose(stage: str, setting: Executor, *, work: float, minimum: float, pieces: int,
-           ray_cfg: RayConfig | None = None) -> Where:
+           ray_cfg: RayConfig | None = None, data: PathLike | None = None) -> Where:
     """"local" or "ray" for a stage with `pieces` independent pieces of work of total size
-    `work` (in the stage's own unit; `minimum` of them make Ray worth starting)."""
+    `work` (in the stage's own unit; `minimum` of them make Ray worth starting) whose files lie
+    at `data` (a run directory or a file in it)."""
     from scalespd.raytools import cluster_address  # noqa: PLC0415
+    from scalespd.storage import shared_across_processes, url  # noqa: PLC0415
 
     if setting not in ("auto", "local", "ray"):
         raise ValueError(f"executor must be auto, local or ray, got {setting!r}")
-    if setting != "auto":
+    if data is not None and not shared_across_processes(data):
+        if setting == "ray":
+            log.warning("%s: running in this process: Ray workers cannot see %s", stage,
+                        url(data))
+        where, why = "local", "files only this process sees"
+    elif setting != "auto":
         where: Where = setting
         why = "as configured"
     elif pieces < 2:
@@ -60,8 +71,8 @@ def choose(stage: str, setting: Executor, *, work: float, minimum: float, pieces
 
 
 def choose_graph(setting: Executor, n_columns: int, tile_cols: int,
-                 ray_cfg: RayConfig | None = None) -> Where:
+                 ray_cfg: RayConfig | None = None, data: PathLike | None = None) -> Where:
     """The graph stage's choice: its pieces are the column tiles (graph.tile_cols wide)."""
     tiles = -(-n_columns // tile_cols)
     return choose("graph", setting, work=tiles, minimum=AUTO_MIN_GRAPH_TILES, pieces=tiles,
-                  ray_cfg=ray_cfg)
+                  ray_cfg=ray_cfg, data=data)

@@ -32,3 +32,15 @@ def test_auto_uses_a_configured_cluster_even_for_small_work(monkeypatch) -> None
 def test_unknown_setting_is_an_error() -> None:
     with pytest.raises(ValueError, match="auto, local or ray"):
         choose("graph", "gpu", work=1, minimum=1, pieces=2)  # type: ignore[arg-type]
+
+
+def test_files_only_this_process_sees_keep_the_work_local(monkeypatch) -> None:
+    """Ray workers are other processes: a memory:// run directory is invisible to them, while a
+    local or s3:// one is shared."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    for setting in ("auto", "ray"):
+        assert choose("graph", setting, work=9, minimum=2, pieces=4,
+                      data="memory://r/run") == "local"
+        assert choose("graph", setting, work=9, minimum=2, pieces=4,
+                      data="s3://bucket/run") == "ray"
+        assert choose("graph", setting, work=9, minimum=2, pieces=4, data="/tmp/run") == "ray"
