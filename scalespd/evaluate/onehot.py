@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+from upath import UPath
 
+from scalespd import storage
 from scalespd.config import RunConfig
 
 
-def onehot_ci(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, list[str]]:
+def onehot_ci(cfg: RunConfig, run_dir: UPath) -> tuple[np.ndarray, list[str]]:
     """CI of every subcomponent on the F one-hot inputs x_f = value * e_f.
 
     Returns (F, N) float32 in global column order (decomposed modules in forward order, then c,
@@ -20,7 +20,7 @@ def onehot_ci(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, list[str]]:
 
     if cfg.target.kind == "hf_causal_lm":
         raise ValueError("one-hot CI exists for toy targets only")
-    model = _load_model(Path(run_dir))
+    model = _load_model(storage.as_path(run_dir))
     x = one_hot_inputs(cfg.target, value=cfg.evaluate.onehot_value)
     params = list(model.parameters())
     if params:
@@ -33,7 +33,7 @@ def onehot_ci(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, list[str]]:
     return np.concatenate(cols, axis=1), names
 
 
-def _load_model(run_dir: Path):
+def _load_model(run_dir: UPath):
     """The trained SPD model (ComponentModel) of a run, in eval mode."""
     from scalespd.train import load_decomposition  # noqa: PLC0415
 

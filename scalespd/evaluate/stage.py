@@ -21,11 +21,12 @@ For language models (target kind hf_causal_lm):
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
 
+from scalespd import storage
 from scalespd.config import RunConfig
 from scalespd.jsonio import write_json_atomic
 
@@ -42,12 +43,12 @@ ABLATION_FILE = "ablation.json"  # the cluster ablation test against random same
 TOY_KINDS = ("tms", "resid_mlp")
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
     from scalespd.profiles import read_components  # noqa: PLC0415
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     out = run_dir / EVALUATE_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     (out / SUMMARY_FILE).unlink(missing_ok=True)
     summary: dict[str, Any] = {"target": cfg.target.kind}
     if cfg.target.kind in TOY_KINDS:
@@ -57,9 +58,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         names = read_components(run_dir / "profiles")["name"].astype(str).tolist()
         ci, ci_names = onehot_ci(cfg, run_dir)
         onehot = align_to_components(ci, ci_names, names).astype(np.float32)
-        tmp = out / f".{ONEHOT_FILE}.tmp.npy"
-        np.save(tmp, onehot)
-        tmp.replace(out / ONEHOT_FILE)
+        with storage.atomic_writer(out / ONEHOT_FILE) as f:
+            np.save(f, onehot)
         write_json_atomic(out / GROUND_TRUTH_FILE, ground_truth(cfg.target))
         summary.update(onehot_value=cfg.evaluate.onehot_value, n_features=int(onehot.shape[0]),
                        n_components=int(onehot.shape[1]))
@@ -71,7 +71,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _evaluate_lm(cfg: RunConfig, run_dir: Path, out: Path) -> dict[str, Any]:
+def _evaluate_lm(cfg: RunConfig, run_dir: UPath, out: UPath) -> dict[str, Any]:
     """tokens.json and ablation.json of a language-model run; returns summary fields."""
     import pandas as pd  # noqa: PLC0415
     import torch  # noqa: PLC0415
@@ -91,7 +91,8 @@ def _evaluate_lm(cfg: RunConfig, run_dir: Path, out: Path) -> dict[str, Any]:
     write_json_atomic(out / TOKENS_FILE, {"tokens": tokens})
 
     ecfg = cfg.evaluate
-    table = pd.read_csv(run_dir / "spectral" / CLUSTERS_FILE)
+    with (run_dir / "spectral" / CLUSTERS_FILE).open() as f:
+        table = pd.read_csv(f)
     clusters = largest_clusters(table, ecfg.ablation_clusters)
     (out / ABLATION_FILE).unlink(missing_ok=True)
     if not clusters:

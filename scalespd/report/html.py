@@ -5,9 +5,9 @@ language-model sections (`scalespd.report.lm_html`)."""
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Any
 
+from scalespd import storage
 from scalespd.config import RunConfig, config_to_yaml
 
 _CSS = """
@@ -244,7 +244,7 @@ def render_html(
 
 
 def write_html(
-    path: Path,
+    path: storage.PathLike,
     cfg: RunConfig,
     summary: dict[str, Any],
     table: list[dict[str, Any]],
@@ -252,6 +252,4 @@ def write_html(
     gt_tables: list[dict[str, Any]],
     lm: dict[str, Any] | None = None,
 ) -> None:
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(cfg, summary, table, figures, gt_tables, lm), encoding="utf-8")
-    tmp.replace(path)
+    storage.write_text_atomic(path, render_html(cfg, summary, table, figures, gt_tables, lm))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from upath import UPath
 
+from scalespd import storage
 from scalespd.errors import StageInputError
 from scalespd.profiles.reader import as_bool, read_components
 from scalespd.spectral.clustering import CLUSTER_COLUMNS
@@ -49,7 +50,7 @@ class RunArtifacts:
     connected: np.ndarray
     graph: sp.csr_matrix | None
     spectra: list[dict[str, Any]]
-    profiles_path: Path | None
+    profiles_path: UPath | None
     manifest: dict[str, Any] = field(default_factory=dict)
     graph_threshold: float | None = None
     graph_summary: dict[str, Any] = field(default_factory=dict)
@@ -74,17 +75,20 @@ class RunArtifacts:
         return self.components.loc[self.alive_ids]
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
+def _read_csv(path: UPath, required: Sequence[str]) -> pd.DataFrame:
     if not path.is_file():
-        raise ReportInputError(f"{path} is missing (run the stage that writes it first)")
-    df = pd.read_csv(path)
+        raise ReportInputError(f"{storage.url(path)} is missing (run the stage that writes it "
+                               "first)")
+    with path.open() as f:
+        df = pd.read_csv(f)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ReportInputError(f"{path}: missing columns {missing}; expected {list(required)}")
+        raise ReportInputError(f"{storage.url(path)}: missing columns {missing}; expected "
+                               f"{list(required)}")
     return df
 
 
-def read_clusters(spectral_dir: Path, components: pd.DataFrame,
+def read_clusters(spectral_dir: UPath, components: pd.DataFrame,
                   name: str = "clusters.csv") -> pd.DataFrame:
     """clusters.csv (or another table of the same columns) indexed by global component id,
     checked against components.csv."""
@@ -94,15 +98,17 @@ def read_clusters(spectral_dir: Path, components: pd.DataFrame,
     df = df.set_index("component", drop=False).sort_index()
     if not df.index.equals(components.index):
         raise ReportInputError(
-            f"{path}: has {len(df)} rows for components {df.index.min()}..{df.index.max()}; "
-            f"expected one row per component of profiles/components.csv ({len(components)})"
+            f"{storage.url(path)}: has {len(df)} rows for components "
+            f"{df.index.min()}..{df.index.max()}; expected one row per component of "
+            f"profiles/components.csv ({len(components)})"
         )
     if (df["name"].astype(str).to_numpy() != components["name"].astype(str).to_numpy()).any():
-        raise ReportInputError(f"{path}: component names differ from profiles/components.csv")
+        raise ReportInputError(f"{storage.url(path)}: component names differ from "
+                               "profiles/components.csv")
     return df
 
 
-def read_alternative(spectral_dir: Path, components: pd.DataFrame, alive_ids: np.ndarray
+def read_alternative(spectral_dir: UPath, components: pd.DataFrame, alive_ids: np.ndarray
                      ) -> dict[str, Any] | None:
     """The spectral stage's second clustering (other always-on setting) in alive_ids order with
     its description from spectra.json, or None when the stage wrote none."""
@@ -113,38 +119,41 @@ def read_alternative(spectral_dir: Path, components: pd.DataFrame, alive_ids: np
     raw = json.loads((spectral_dir / "spectra.json").read_text())
     meta = raw.get("alternative") if isinstance(raw, dict) else None
     if not isinstance(meta, dict):
-        raise ReportInputError(f"{spectral_dir / 'spectra.json'}: no 'alternative' record for "
-                               f"{path.name}; re-run the spectral stage")
+        raise ReportInputError(f"{storage.url(spectral_dir / 'spectra.json')}: no "
+                               f"'alternative' record for {path.name}; re-run the spectral "
+                               "stage")
     return {**meta, "clusters": table.loc[alive_ids, "cluster"].to_numpy(dtype=np.int64)}
 
 
-def read_quality(spectral_dir: Path) -> dict[str, Any] | None:
+def read_quality(spectral_dir: UPath) -> dict[str, Any] | None:
     """spectral/quality.json (`scalespd.spectral.quality`), or None when it is absent."""
     path = spectral_dir / "quality.json"
     if not path.is_file():
         return None
     raw = json.loads(path.read_text())
     if not isinstance(raw, dict) or not isinstance(raw.get("clusters"), list):
-        raise ReportInputError(f"{path}: not a cluster-quality document (no 'clusters' list); "
-                               "re-run the spectral stage")
+        raise ReportInputError(f"{storage.url(path)}: not a cluster-quality document (no "
+                               "'clusters' list); re-run the spectral stage")
     return raw
 
 
-def read_evaluation(evaluate_dir: Path, components: pd.DataFrame) -> dict[str, Any]:
+def read_evaluation(evaluate_dir: UPath, components: pd.DataFrame) -> dict[str, Any]:
     """{"onehot": (F, N) float32, "truth": dict} from the evaluate stage (toys), or Nones when
     it wrote no one-hot CI."""
     path = evaluate_dir / "onehot_ci.npy"
     if not path.is_file():
         return {"onehot": None, "truth": None}
-    onehot = np.load(path, allow_pickle=False)
+    with path.open("rb") as f:
+        onehot = np.load(f, allow_pickle=False)
     if onehot.ndim != 2 or onehot.shape[1] != len(components):
-        raise ReportInputError(f"{path}: shape {onehot.shape}, expected (F, {len(components)}) "
-                               "(one column per component); re-run the evaluate stage")
+        raise ReportInputError(f"{storage.url(path)}: shape {onehot.shape}, expected "
+                               f"(F, {len(components)}) (one column per component); re-run "
+                               "the evaluate stage")
     truth = json.loads((evaluate_dir / "ground_truth.json").read_text())
     return {"onehot": onehot, "truth": truth}
 
 
-def read_spectral_info(spectral_dir: Path) -> dict[str, Any]:
+def read_spectral_info(spectral_dir: UPath) -> dict[str, Any]:
     """The clustering info of spectra.json (n_always_on, n_pieces, timings, ...), or {}."""
     path = spectral_dir / "spectra.json"
     if not path.is_file():
@@ -153,7 +162,7 @@ def read_spectral_info(spectral_dir: Path) -> dict[str, Any]:
     return dict(raw.get("info", {})) if isinstance(raw, dict) else {}
 
 
-def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
+def read_spectra(spectral_dir: UPath) -> list[dict[str, Any]]:
     """Per-component spectra, normalised to dicts with component, size, eigenvalues, k.
 
     Accepts a list of records or a mapping component-id -> record; `k`, `K` or `chosen_k` for the
@@ -170,7 +179,7 @@ def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
     out = []
     for key, rec in items:
         if not isinstance(rec, dict) or "eigenvalues" not in rec:
-            raise ReportInputError(f"{path}: entry {key!r} has no 'eigenvalues'")
+            raise ReportInputError(f"{storage.url(path)}: entry {key!r} has no 'eigenvalues'")
         k = next((rec[f] for f in ("k", "K", "chosen_k", "n_clusters") if f in rec), None)
         out.append({
             "component": rec.get("component", rec.get("connected_component",
@@ -183,7 +192,7 @@ def read_spectra(spectral_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix | None,
+def _load_graph(graph_dir: UPath, alive_ids: np.ndarray) -> tuple[sp.csr_matrix | None,
                                                                  float | None, dict[str, Any]]:
     """The saved k-NN graph re-indexed to alive_ids order, its edge threshold and its
     summary.json (None, None, {} if the graph stage left no directory)."""
@@ -197,8 +206,8 @@ def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix |
     if (pos >= len(alive_ids)).any() or not np.array_equal(alive_ids[np.minimum(
             pos, len(alive_ids) - 1)], cols):
         raise ReportInputError(
-            f"{graph_dir}: graph columns are not a subset of the alive components of "
-            f"profiles/components.csv"
+            f"{storage.url(graph_dir)}: graph columns are not a subset of the alive components "
+            f"of profiles/components.csv"
         )
     W = sp.csr_matrix(g.graph).tocoo()
     n = len(alive_ids)
@@ -207,19 +216,20 @@ def _load_graph(graph_dir: Path, alive_ids: np.ndarray) -> tuple[sp.csr_matrix |
     return W, None if thr is None else float(thr), dict(getattr(g, "summary", {}) or {})
 
 
-def load_run(run_dir: Path) -> RunArtifacts:
+def load_run(run_dir: storage.PathLike) -> RunArtifacts:
     """Read profiles/components.csv, spectral/clusters.csv + spectra.json (+ quality.json),
     graph/, manifest.json, evaluate/ and, for language models, the token inputs from a run
     directory."""
     from scalespd.report.lm_inputs import read_lm_inputs  # noqa: PLC0415  (it imports this)
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     components = read_components(run_dir / "profiles")
     clusters = read_clusters(run_dir / "spectral", components)
     alive_ids = components.index[components["alive"].to_numpy()].to_numpy()
     if not np.array_equal(clusters["alive"].to_numpy(), components["alive"].to_numpy()):
         raise ReportInputError(
-            f"{run_dir / 'spectral/clusters.csv'}: 'alive' differs from profiles/components.csv"
+            f"{storage.url(run_dir / 'spectral' / 'clusters.csv')}: 'alive' differs from "
+            "profiles/components.csv"
         )
     graph, thr, gsummary = _load_graph(run_dir / "graph", alive_ids)
     manifest_path = run_dir / "manifest.json"
@@ -244,14 +254,17 @@ def load_run(run_dir: Path) -> RunArtifacts:
     )
 
 
-def read_profile_columns(profiles_path: Path, columns: np.ndarray, max_rows: int) -> np.ndarray:
+def read_profile_columns(profiles_path: storage.PathLike, columns: np.ndarray,
+                         max_rows: int) -> np.ndarray:
     """(min(M, max_rows), len(columns)) float32 slice of ci.zarr: only the chunks that hold
     these columns in the first rows are read."""
     from scalespd.profiles.reader import open_ci  # noqa: PLC0415
 
+    profiles_path = storage.as_path(profiles_path)
     arr = open_ci(profiles_path)
     if arr.ndim != 2:
-        raise ReportInputError(f"{profiles_path}: expected a 2-D (M, N) array, got {arr.shape}")
+        raise ReportInputError(f"{storage.url(profiles_path)}: expected a 2-D (M, N) array, "
+                               f"got {arr.shape}")
     rows = min(arr.shape[0], max_rows)
     cols = np.asarray(columns, dtype=np.int64)
     order = np.argsort(cols)  # orthogonal selection wants increasing indices

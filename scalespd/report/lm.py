@@ -21,11 +21,11 @@ Definitions (also in summary.json under lm.definitions):
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scalespd import storage
 from scalespd.config import RunConfig
 from scalespd.jsonio import write_json_atomic
 from scalespd.report.inputs import RunArtifacts
@@ -48,8 +48,8 @@ CLUSTERS_LM_FILE = "clusters_lm.json"
 COMPOSITIONS = ("attention-only", "mlp-only", "mixed")
 
 
-def lm_report(cfg: RunConfig, art: RunArtifacts, table: list[dict[str, Any]], out_dir: Path,
-              block_rows: int | None = None) -> dict[str, Any]:
+def lm_report(cfg: RunConfig, art: RunArtifacts, table: list[dict[str, Any]],
+              out_dir: storage.PathLike, block_rows: int | None = None) -> dict[str, Any]:
     """Compute the LM sections, write out_dir/clusters_lm.json and return the summary's "lm"
     record, "clusters" (the per-cluster records) and "ablation_clusters" (the ablation.json
     records) for the HTML.
@@ -82,7 +82,7 @@ def lm_report(cfg: RunConfig, art: RunArtifacts, table: list[dict[str, Any]], ou
         q = quality.get(int(row["cluster"]), {})
         rec.update({k: q.get(k) for k in ("coherence", "margin", "stability")})
         records.append(rec)
-    write_json_atomic(out_dir / CLUSTERS_LM_FILE, records)
+    write_json_atomic(storage.as_path(out_dir) / CLUSTERS_LM_FILE, records)
 
     summary: dict[str, Any] = {
         "n_rows": int(len(lm.token_ids)),

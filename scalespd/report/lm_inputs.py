@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
 
+from scalespd import storage
 from scalespd.evaluate.stage import ABLATION_FILE, EVALUATE_DIR, TOKENS_FILE
 from scalespd.profiles.reader import INPUTS_FILE
 from scalespd.report.inputs import ReportInputError
@@ -61,50 +62,52 @@ class LMInputs:
         return f"[{token_id}]"
 
 
-def read_lm_inputs(run_dir: Path, manifest: dict[str, Any] | None = None) -> LMInputs | None:
+def read_lm_inputs(run_dir: storage.PathLike,
+                   manifest: dict[str, Any] | None = None) -> LMInputs | None:
     """The LM inputs of run_dir, or None when profiles/inputs.zarr holds no token ids (a toy
     run, or inputs not saved)."""
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     path = run_dir / "profiles" / INPUTS_FILE
     if not path.exists():
         return None
     import zarr  # noqa: PLC0415
 
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(store=storage.zarr_store(path, read_only=True), mode="r")
     if "token_ids" not in group:
         return None
     missing = [f for f in LM_FIELDS if f not in group]
     if missing:
-        raise ReportInputError(f"{path}: has token_ids but not {missing}; re-run the profiles "
-                               "stage")
+        raise ReportInputError(f"{storage.url(path)}: has token_ids but not {missing}; re-run "
+                               "the profiles stage")
     cols = {}
     for f in LM_FIELDS:
         member = group[f]
         if not isinstance(member, zarr.Array):
-            raise ReportInputError(f"{path}/{f} is not an array; re-run the profiles stage")
+            raise ReportInputError(f"{storage.url(path / f)} is not an array; re-run the "
+                                   "profiles stage")
         cols[f] = np.asarray(member[:]).astype(np.int64)
     shapes = {f: a.shape for f, a in cols.items()}
     if any(len(s) != 1 or s != shapes["token_ids"] for s in shapes.values()):
-        raise ReportInputError(f"{path}: expected three 1-D arrays of equal length, got "
-                               f"{shapes}; re-run the profiles stage")
+        raise ReportInputError(f"{storage.url(path)}: expected three 1-D arrays of equal "
+                               f"length, got {shapes}; re-run the profiles stage")
     return LMInputs(**cols, tokens=_read_tokens(run_dir), ablation=_read_ablation(run_dir),
                     metrics=read_decompose_metrics(run_dir, manifest or {}))
 
 
-def _read_tokens(run_dir: Path) -> list[str] | None:
+def _read_tokens(run_dir: UPath) -> list[str] | None:
     path = run_dir / EVALUATE_DIR / TOKENS_FILE
     if not path.is_file():
         # The report still works, with ids instead of text (the evaluate stage writes it).
-        log.warning("%s is missing: tokens are shown as ids", path)
+        log.warning("%s is missing: tokens are shown as ids", storage.url(path))
         return None
     tokens = json.loads(path.read_text(encoding="utf-8")).get("tokens")
     if not isinstance(tokens, list):
-        raise ReportInputError(f"{path}: expected {{'tokens': [str, ...]}}; re-run the "
-                               "evaluate stage")
+        raise ReportInputError(f"{storage.url(path)}: expected {{'tokens': [str, ...]}}; "
+                               "re-run the evaluate stage")
     return [str(t) for t in tokens]
 
 
-def _read_ablation(run_dir: Path) -> dict[str, Any] | None:
+def _read_ablation(run_dir: UPath) -> dict[str, Any] | None:
     path = run_dir / EVALUATE_DIR / ABLATION_FILE
     if not path.is_file():
         return None
@@ -112,12 +115,12 @@ def _read_ablation(run_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def read_decompose_metrics(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def read_decompose_metrics(run_dir: storage.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
     """The decomposition's final metrics with names in METRIC_PREFIXES:
     decompose/final/meta.json "metrics", else the manifest's decompose record; {} if neither
     has them. (Read directly: scalespd.train.io imports torch.)"""
     metrics: Any = None
-    meta = Path(run_dir) / "decompose" / "final" / "meta.json"
+    meta = storage.as_path(run_dir) / "decompose" / "final" / "meta.json"
     if meta.is_file():
         metrics = json.loads(meta.read_text()).get("metrics")
     if not isinstance(metrics, dict):

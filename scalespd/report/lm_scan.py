@@ -13,11 +13,11 @@ with cluster size and hide a large cluster that fires through a few members per 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from scalespd import storage
 from scalespd.report.inputs import ReportInputError
 
 # Bytes of CI one block of rows may hold (float32, alive columns only); the block's masks and
@@ -114,7 +114,7 @@ def per_token(tokens: np.ndarray, mask: np.ndarray, n_vocab: int,
 
 
 def scan_profiles(
-    profiles_path: Path,
+    profiles_path: storage.PathLike,
     alive_ids: np.ndarray,
     groups: list[np.ndarray],
     tok_idx: np.ndarray,
@@ -131,11 +131,13 @@ def scan_profiles(
     block_rows: rows per block (None: as many whole zarr chunks as fit BLOCK_BYTES)."""
     from scalespd.profiles.reader import open_ci  # noqa: PLC0415
 
+    profiles_path = storage.as_path(profiles_path)
     arr = open_ci(profiles_path)
     M = int(arr.shape[0])
     if arr.ndim != 2 or M != len(tok_idx):
-        raise ReportInputError(f"{profiles_path}: shape {arr.shape}, but inputs.zarr has "
-                               f"{len(tok_idx)} rows; re-run the profiles stage")
+        raise ReportInputError(f"{storage.url(profiles_path)}: shape {arr.shape}, but "
+                               f"inputs.zarr has {len(tok_idx)} rows; re-run the profiles "
+                               "stage")
     cols = np.asarray(alive_ids, dtype=np.int64)
     n = len(cols)
     perm, starts = cluster_layout(groups)

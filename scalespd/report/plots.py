@@ -5,10 +5,12 @@ Each function draws one figure from plain arrays, writes it to `path` and return
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
+
+from scalespd import storage
 
 
 def _plt():
@@ -20,10 +22,13 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig, path: storage.PathLike) -> UPath:
+    """Write the figure to `path` (all or nothing; its format from the suffix) and close it."""
+    path = storage.as_path(path)
+    storage.makedirs(path.parent)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with storage.atomic_writer(path) as f:
+        fig.savefig(f, dpi=110, format=path.suffix.lstrip(".") or None)
     _plt().close(fig)
     return path
 
@@ -33,8 +38,8 @@ def _boundaries(sorted_clusters: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.diff(sorted_clusters) != 0) + 1
 
 
-def correlation_heatmap(corr: np.ndarray, clusters: np.ndarray, path: Path,
-                        title: str = "", labels: list[str] | None = None) -> Path:
+def correlation_heatmap(corr: np.ndarray, clusters: np.ndarray, path: storage.PathLike,
+                        title: str = "", labels: list[str] | None = None) -> UPath:
     """corr: (s, s) correlation of sampled columns already ordered by cluster; clusters: (s,);
     labels: (s,) subcomponent names, drawn as ticks when there are few."""
     plt = _plt()
@@ -59,7 +64,7 @@ def correlation_heatmap(corr: np.ndarray, clusters: np.ndarray, path: Path,
     return _save(fig, path)
 
 
-def spectra_plot(spectra: list[dict[str, Any]], path: Path) -> Path:
+def spectra_plot(spectra: list[dict[str, Any]], path: storage.PathLike) -> UPath:
     """spectra: dicts with `component`, `size`, `eigenvalues` (ascending) and `k` (chosen K);
     one panel per connected component, the chosen gap (between λ_K and λ_{K+1}) marked."""
     plt = _plt()
@@ -90,7 +95,7 @@ def spectra_plot(spectra: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def size_histogram(sizes: list[int], path: Path) -> Path:
+def size_histogram(sizes: list[int], path: storage.PathLike) -> UPath:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if len(sizes):
@@ -104,7 +109,7 @@ def size_histogram(sizes: list[int], path: Path) -> Path:
     return _save(fig, path)
 
 
-def layer_span_plot(span_counts: dict[str, int], path: Path) -> Path:
+def layer_span_plot(span_counts: dict[str, int], path: storage.PathLike) -> UPath:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     spans = sorted(span_counts, key=int)
@@ -116,7 +121,7 @@ def layer_span_plot(span_counts: dict[str, int], path: Path) -> Path:
     return _save(fig, path)
 
 
-def composition_plot(counts: dict[str, int], path: Path, title: str) -> Path:
+def composition_plot(counts: dict[str, int], path: storage.PathLike, title: str) -> UPath:
     plt = _plt()
     labels = list(counts)
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(len(labels), 2)))
@@ -128,8 +133,8 @@ def composition_plot(counts: dict[str, int], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def onehot_ci_heatmap(ci: np.ndarray, col_labels: list[str], path: Path,
-                      boundaries: np.ndarray | None = None) -> Path:
+def onehot_ci_heatmap(ci: np.ndarray, col_labels: list[str], path: storage.PathLike,
+                      boundaries: np.ndarray | None = None) -> UPath:
     """ci: (F, s) CI on one-hot inputs, columns already ordered (by cluster); boundaries:
     column positions where a new cluster starts."""
     plt = _plt()

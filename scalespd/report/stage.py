@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
 
+from scalespd import storage
 from scalespd.config import RunConfig
 from scalespd.jsonio import write_json_atomic
 from scalespd.report import groundtruth as gt
@@ -44,11 +45,11 @@ from scalespd.spectral.alternative import describe
 
 log = logging.getLogger(__name__)
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
     """Write run_dir/report/{summary.json, index.html, clusters.json, *.png} (and, for language
     models, clusters_lm.json); return a small summary for the manifest."""
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     art = load_run(run_dir)
     summary = build_report(cfg, art, run_dir / "report", onehot=art.onehot,
                            alternative=art.alternative, started=t0)
@@ -84,7 +85,7 @@ def _assign(cfg: RunConfig, onehot_alive: np.ndarray, art: RunArtifacts
 def build_report(
     cfg: RunConfig,
     art: RunArtifacts,
-    out_dir: Path,
+    out_dir: storage.PathLike,
     onehot: np.ndarray | None = None,
     alternative: dict[str, Any] | None = None,
     started: float | None = None,
@@ -98,8 +99,8 @@ def build_report(
     from scalespd.report.html import write_html  # noqa: PLC0415
 
     started = time.perf_counter() if started is None else started
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.as_path(out_dir)
+    storage.makedirs(out_dir)
     alive = art.alive
     names = alive["name"].astype(str).to_numpy()
     layers = alive["layer"].to_numpy(dtype=np.int64)
@@ -179,7 +180,7 @@ def build_report(
     write_json_atomic(out_dir / "summary.json", summary)
     write_json_atomic(out_dir / "clusters.json", table)
     write_html(out_dir / "index.html", cfg, summary, table, figures, gt_tables, lm_data)
-    log.info("report written to %s", out_dir / "index.html")
+    log.info("report written to %s", storage.url(out_dir / "index.html"))
     return summary
 
 
@@ -190,7 +191,7 @@ def _ground_truth(
     alternative: dict[str, Any] | None,
     summary: dict[str, Any],
     figures: list[dict[str, str]],
-    out_dir: Path,
+    out_dir: UPath,
 ) -> list[dict[str, Any]]:
     """Score the configured clustering (and the alternative), add the one-hot CI heatmap.
     Returns the ground-truth tables for the HTML, configured clustering first."""
@@ -328,5 +329,5 @@ def _timings(manifest: dict[str, Any]) -> dict[str, float | None]:
             if s != "report"}
 
 
-def _fig(path: Path, caption: str) -> dict[str, str]:
+def _fig(path: UPath, caption: str) -> dict[str, str]:
     return {"file": path.name, "caption": caption}
