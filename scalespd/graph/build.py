@@ -20,12 +20,13 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from upath import UPath
 
+from scalespd import storage
 from scalespd.backend import array_module, resolve_device
 from scalespd.config import GraphConfig
 from scalespd.graph.knn import components, knn_graph
@@ -86,36 +87,45 @@ class GraphResult:
     threshold: float
     summary: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, out_dir: str | Path) -> None:
-        """Write stats.npz, topk.npz, graph.npz, labels.npy, then summary.json (last, so its
-        presence marks a complete output)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def save(self, out_dir: storage.PathLike) -> None:
+        """Write stats.npz, topk.npz, graph.npz, labels.npy (each all or nothing), then
+        summary.json (last, so its presence marks a complete output). out_dir: a local path or
+        a URL."""
+        out = storage.as_path(out_dir)
+        storage.makedirs(out)
         (out / SUMMARY).unlink(missing_ok=True)
-        np.savez(out / "stats.npz", columns=self.columns, mean=self.mean, std=self.std,
-                 min=self.min, max=self.max, zero_var=self.zero_var)
-        np.savez(out / "topk.npz", idx=self.topk_idx, val=self.topk_val)
-        sp.save_npz(out / "graph.npz", self.graph)
-        np.save(out / "labels.npy", self.labels)
+        with storage.atomic_writer(out / "stats.npz") as f:
+            np.savez(f, columns=self.columns, mean=self.mean, std=self.std, min=self.min,
+                     max=self.max, zero_var=self.zero_var)
+        with storage.atomic_writer(out / "topk.npz") as f:
+            np.savez(f, idx=self.topk_idx, val=self.topk_val)
+        with storage.atomic_writer(out / "graph.npz") as f:
+            sp.save_npz(f, self.graph)
+        with storage.atomic_writer(out / "labels.npy") as f:
+            np.save(f, self.labels)
         write_json_atomic(out / SUMMARY, self.summary)
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> GraphResult:
-        out = Path(out_dir)
+    def load(cls, out_dir: storage.PathLike) -> GraphResult:
+        out = storage.as_path(out_dir)
         if not (out / SUMMARY).exists():
             raise FileNotFoundError(
-                f"{out} holds no complete graph output ({SUMMARY} is missing); "
+                f"{storage.url(out)} holds no complete graph output ({SUMMARY} is missing); "
                 "run the graph stage again"
             )
         summary = json.loads((out / SUMMARY).read_text())
-        with np.load(out / "stats.npz") as st, np.load(out / "topk.npz") as tk:
-            return cls(
-                columns=st["columns"], mean=st["mean"], std=st["std"], min=st["min"],
-                max=st["max"], zero_var=st["zero_var"], topk_idx=tk["idx"], topk_val=tk["val"],
-                graph=sp.csr_matrix(sp.load_npz(out / "graph.npz")),
-                labels=np.load(out / "labels.npy"), threshold=float(summary["threshold"]),
-                summary=summary,
-            )
+        with (
+            (out / "stats.npz").open("rb") as fs, np.load(fs) as st,
+            (out / "topk.npz").open("rb") as ft, np.load(ft) as tk,
+        ):
+            stats = {k: st[k] for k in ("columns", "mean", "std", "min", "max", "zero_var")}
+            idx, val = tk["idx"], tk["val"]
+        with (out / "graph.npz").open("rb") as f:
+            graph = sp.csr_matrix(sp.load_npz(f))
+        with (out / "labels.npy").open("rb") as f:
+            labels = np.load(f)
+        return cls(**stats, topk_idx=idx, topk_val=val, graph=graph, labels=labels,
+                   threshold=float(summary["threshold"]), summary=summary)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +200,7 @@ class _Checkpoint:
     pass 2 resumes. `key` identifies the inputs (columns, statistics, threshold, geometry); a
     file with another key is ignored and replaced."""
 
-    def __init__(self, path: Path | None, key: str, n: int, k: int, n_blocks: int,
+    def __init__(self, path: UPath | None, key: str, n: int, k: int, n_blocks: int,
                  every_s: float, dtype: type = np.float32) -> None:
         self.path, self.key, self.every_s = path, key, every_s
         vals0, idx0 = empty_topk(n, k)
@@ -199,11 +209,11 @@ class _Checkpoint:
         self.done = np.zeros(n_blocks, dtype=bool)
         self.last = time.monotonic()
         if path is not None and path.exists():
-            with np.load(path) as f:
+            with path.open("rb") as fh, np.load(fh) as f:
                 if str(f["key"]) == key:
                     self.vals, self.idx, self.done = f["vals"], f["idx"], f["done"]
                     log.info("graph: resuming pass 2 from %s (%d of %d row blocks done)",
-                             path, int(self.done.sum()), n_blocks)
+                             storage.url(path), int(self.done.sum()), n_blocks)
 
     def block_done(self, a: int) -> None:
         self.done[a] = True
@@ -212,10 +222,10 @@ class _Checkpoint:
 
     def save(self) -> None:
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(tmp, key=self.key, vals=self.vals, idx=self.idx, done=self.done)
-        tmp.replace(self.path)  # atomic: a crash leaves the previous checkpoint intact
+        storage.makedirs(self.path.parent)
+        # All or nothing: a crash leaves the previous checkpoint intact.
+        with storage.atomic_writer(self.path) as f:
+            np.savez(f, key=self.key, vals=self.vals, idx=self.idx, done=self.done)
         self.last = time.monotonic()
 
 
@@ -229,7 +239,7 @@ def _pass2_key(src: TileSource, k: int, threshold: float) -> str:
 
 def pass2_topk(
     src: TileSource, k: int, threshold: float, device: str, spec: SourceSpec | None,
-    checkpoint: Path | None, checkpoint_every_s: float, peaks: list[float],
+    checkpoint: UPath | None, checkpoint_every_s: float, peaks: list[float],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pass 2: all row blocks merged into (n, k) top-k values and ids, as Ray tasks reading the
     matrix through `spec`, or in this process when spec is None; resumable from `checkpoint`.
@@ -264,7 +274,7 @@ def _sparse_block_rows(X: Any, n_rows: int, row_chunk: int) -> int:
 
 def _sparse_pass2(
     X: Any, columns: np.ndarray, stats: ZStats, active: np.ndarray, plan: SparsePlan,
-    threshold: float, k: int, row_chunk: int, device: str, checkpoint: Path | None,
+    threshold: float, k: int, row_chunk: int, device: str, checkpoint: UPath | None,
     checkpoint_every_s: float, use_ray: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sparse pass 2 over the non-constant columns `columns` (= cols[active]), resumable
@@ -292,9 +302,9 @@ def build_graph(
     columns: np.ndarray | None = None,
     device: str = "cpu",
     use_ray: bool = False,
-    checkpoint: str | Path | None = None,
+    checkpoint: storage.PathLike | None = None,
     checkpoint_every_s: float = 60.0,
-    scratch_dir: str | Path | None = None,
+    scratch_dir: storage.PathLike | None = None,
 ) -> GraphResult:
     """The correlation k-NN graph of the columns `columns` of X.
 
@@ -325,7 +335,7 @@ def build_graph(
     X = as_row_sliceable(X)
     sparse_input = is_sparse_rows(X)
     dev = resolve_device(device)
-    checkpoint = None if checkpoint is None else Path(checkpoint)
+    ck_path = None if checkpoint is None else storage.as_path(checkpoint)
     if use_ray:
         import ray  # noqa: PLC0415
 
@@ -391,7 +401,7 @@ def build_graph(
         if active.size and threshold < 1.0:
             if path == "sparse" and plan is not None:
                 vals, idx = _sparse_pass2(X, cols[active], stats, active, plan, threshold,
-                                          k_search, cfg.row_chunk, dev, checkpoint,
+                                          k_search, cfg.row_chunk, dev, ck_path,
                                           checkpoint_every_s, use_ray)
             else:
                 if use_ray and spec is None:
@@ -401,7 +411,7 @@ def build_graph(
                     (1.0 / (stats.std[active] * math.sqrt(n_rows))).astype(np.float32),
                     n_rows, cfg.tile_cols, cfg.row_chunk,
                 )
-                vals, idx = pass2_topk(src, k_search, threshold, dev, spec, checkpoint,
+                vals, idx = pass2_topk(src, k_search, threshold, dev, spec, ck_path,
                                        checkpoint_every_s, peaks)
         if pair_threshold is not None:
             before = int((idx >= 0).sum())

@@ -13,8 +13,10 @@ row subset, a few hundred bytes pickled — and opens the file or store itself
                  ndarray, a zarr array in a non-local store, ...) is written once, streaming,
                  to a chunked zarr in a scratch directory that is removed afterwards
 
-On a multi-node Ray cluster the path must be on a file system every node mounts (as a run
-directory already must be).
+On a multi-node Ray cluster the path must be on a file system every node mounts, or an fsspec
+URL every node reaches (s3://, gs://; as a run directory already must be). Paths travel as
+strings (`scalespd.storage.url`) and are turned back with `scalespd.storage.as_path`; a
+process-local filesystem (memory://) is never described for another process.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +34,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from upath import UPath
 
+from scalespd import storage
+from scalespd.errors import naming_file
 from scalespd.graph.sparse_io import dense_rows
 
 log = logging.getLogger(__name__)
@@ -57,8 +62,11 @@ class NpyFile:
     worker that read it, and the mapped pages cannot be told apart from real allocations when
     memory is measured. A mapping per read keeps the resident set at one block.
 
-    path: the file; shape, dtype, fortran_order, offset (byte offset of the data) come from its
-    header (`NpyFile.open`). Offers what the graph and spectral code read: shape, dtype, ndim,
+    path: the file (a local path, or an fsspec URL: then each read fetches the byte range of the
+    rows it needs, C order only); shape, dtype, fortran_order, offset (byte offset of the data)
+    come from its header (`NpyFile.open`).
+
+    Offers what the graph and spectral code read: shape, dtype, ndim,
     `X[key]` and `get_orthogonal_selection((rows, cols))`, each returning a new ndarray that
     the caller owns. There is deliberately no `__array__`: nothing reads the whole matrix by
     accident."""
@@ -70,16 +78,41 @@ class NpyFile:
     offset: int
 
     @classmethod
-    def open(cls, path: str | Path) -> NpyFile:
-        """The array of the .npy file at `path` (header parsed and checked by np.load).
+    def open(cls, path: str | os.PathLike[str]) -> NpyFile:
+        """The array of the .npy file at `path` (header parsed and checked by np.load; at a URL
+        by numpy's header reader).
 
         Raises what np.load raises for a file that is not a readable .npy array (ValueError,
         OSError, EOFError)."""
+        p = storage.as_path(path)
+        if not storage.is_local(p):
+            return cls._open_remote(p)
         m = np.load(path, mmap_mode="r", allow_pickle=False)
         try:
             return cls.from_memmap(m)
         finally:
             del m  # unmaps
+
+    @classmethod
+    def _open_remote(cls, p: UPath) -> NpyFile:
+        """The header of the .npy file at the URL `p` (its data is not read)."""
+        fmt = np.lib.format
+        with p.open("rb") as f:
+            version = fmt.read_magic(f)
+            read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                           else fmt.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if dtype.hasobject:
+            raise ValueError(f"{storage.url(p)} holds Python objects, not numbers")
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{storage.url(p)} is stored in Fortran order, which is read only "
+                             "from a local file; re-save it in C order (np.ascontiguousarray)")
+        size = int(np.prod(shape)) * dtype.itemsize
+        if p.stat().st_size < offset + size:
+            raise EOFError(f"{storage.url(p)} is shorter than its header says ({shape} {dtype})")
+        return cls(storage.url(p), tuple(int(s) for s in shape), np.dtype(dtype), bool(fortran),
+                   int(offset))
 
     @classmethod
     def from_memmap(cls, m: np.memmap) -> NpyFile:
@@ -96,6 +129,37 @@ class NpyFile:
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
+    @property
+    def _remote(self) -> bool:
+        return not storage.is_local(self.path)
+
+    def _read_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of a file at a URL, fetched as one byte range (C order)."""
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        n = max(0, r1 - r0)
+        if n == 0 or row_bytes == 0:
+            return np.empty((n, *self.shape[1:]), dtype=self.dtype)
+        p = storage.as_path(self.path)
+        start = self.offset + r0 * row_bytes
+        with naming_file(self.path):
+            data = p.fs.cat_file(p.path, start=start, end=start + n * row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((n, *self.shape[1:])).copy()
+
+    def _remote_get(self, key: Any) -> np.ndarray:
+        """X[key] for a file at a URL: the rows the key selects are fetched (one byte range
+        spanning them), then indexed in memory."""
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        M = self.shape[0]
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            r0, r1, _ = rows.indices(M)
+            return np.asarray(self._read_rows(r0, max(r0, r1))[(slice(None), *rest)])
+        ids = np.arange(M)[rows]
+        if ids.size == 0:
+            return np.asarray(np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)])
+        lo = int(ids.min())
+        block = self._read_rows(lo, int(ids.max()) + 1)
+        return np.asarray(block[(ids - lo, *rest)])
+
     def _map(self) -> np.memmap:
         return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
                          shape=self.shape, order="F" if self.fortran_order else "C")
@@ -108,6 +172,8 @@ class NpyFile:
         return part.view(np.ndarray)  # fancy indexing already made a copy
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if self._remote:
+            return self._remote_get(key)
         m = self._map()
         try:
             return self._owned(np.asarray(m[key]), m)
@@ -117,6 +183,8 @@ class NpyFile:
     def get_orthogonal_selection(self, selection: tuple[Any, Any]) -> np.ndarray:
         """X[rows][:, cols] (zarr's outer indexing) for a row slice and column ids."""
         rows, cols = selection
+        if self._remote:
+            return np.asarray(self._remote_get(rows)[:, cols])
         m = self._map()
         try:
             return self._owned(np.asarray(m[rows][:, cols]), m)
@@ -215,9 +283,10 @@ class SourceSpec:
     """How another process opens the profile matrix: small and picklable.
 
     kind: "npy" (a .npy file; offset / fortran_order from its header), "zarr" (a zarr array
-    in a local directory) or "csr" (a sparse profiles store,
-    `scalespd.profiles.sparse_store`). shape, dtype: of the stored array (M, N). rows: None, or the
-    [start, stop) row ranges of a RowSubset, so the opened matrix is (sum of ranges, N)."""
+    in a local directory or at an fsspec URL) or "csr" (a sparse profiles store,
+    `scalespd.profiles.sparse_store`). path: a local path or a URL (`scalespd.storage.url`).
+    shape, dtype: of the stored array (M, N). rows: None, or the [start, stop) row ranges of a
+    RowSubset, so the opened matrix is (sum of ranges, N)."""
 
     kind: Literal["npy", "zarr", "csr"]
     path: str
@@ -240,8 +309,9 @@ class SourceSpec:
 
             from scalespd.profiles.sparse_store import SparseProfiles  # noqa: PLC0415
 
-            X = (SparseProfiles(self.path) if self.kind == "csr"
-                 else zarr.open_array(self.path, mode="r"))
+            where = storage.as_path(self.path)
+            X = (SparseProfiles(where) if self.kind == "csr"
+                 else zarr.open_array(store=storage.zarr_store(where, read_only=True), mode="r"))
             if tuple(X.shape) != self.shape or str(X.dtype) != self.dtype:
                 raise RuntimeError(
                     f"{self.path} changed while it was being read: shape {tuple(X.shape)} "
@@ -249,16 +319,29 @@ class SourceSpec:
         return X if self.rows is None else row_subset(X, self.rows)
 
 
-def _zarr_local_path(X: Any) -> str | None:
-    """The directory of zarr array X when it lives in a local directory store, else None."""
+def _zarr_location(X: Any) -> str | None:
+    """Where another process opens zarr array X: its directory when it lives in a local
+    directory store, its URL when it lives in an fsspec store that other processes reach
+    (s3://, gs://, ...; not memory://), else None."""
     try:
-        from zarr.storage import LocalStore  # noqa: PLC0415
+        from zarr.storage import FsspecStore, LocalStore  # noqa: PLC0415
     except ImportError:  # pragma: no cover  (zarr is a dependency)
         return None
     store = getattr(X, "store", None)
-    if not isinstance(store, LocalStore) or not hasattr(X, "get_orthogonal_selection"):
+    if not hasattr(X, "get_orthogonal_selection"):
         return None
-    return os.path.join(str(store.root), str(getattr(X, "path", "") or ""))
+    inner = str(getattr(X, "path", "") or "")
+    if isinstance(store, LocalStore):
+        return os.path.join(str(store.root), inner)
+    if isinstance(store, FsspecStore):
+        protocol = store.fs.protocol
+        protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        where = "/".join(x for x in (str(store.path).strip("/"), inner.strip("/")) if x)
+        url = f"{protocol}://{where}"
+        if storage.is_local(url) or not storage.shared_across_processes(url):
+            return None
+        return url
+    return None
 
 
 def describe(X: Any) -> SourceSpec | None:
@@ -274,11 +357,15 @@ def describe(X: Any) -> SourceSpec | None:
         return SourceSpec(inner.kind, inner.path, inner.shape, inner.dtype, inner.offset,
                           inner.fortran_order, tuple((int(a), int(b)) for a, b in X.ranges))
     if isinstance(X, NpyFile):
+        if not storage.shared_across_processes(X.path):
+            return None
         return SourceSpec("npy", X.path, X.shape, X.dtype.str, X.offset, X.fortran_order)
     from scalespd.profiles.sparse_store import SparseProfiles  # noqa: PLC0415
 
     if isinstance(X, SparseProfiles):
-        return SourceSpec("csr", str(X.path), X.shape, str(X.dtype))
+        if not storage.shared_across_processes(X.path):
+            return None
+        return SourceSpec("csr", storage.url(X.path), X.shape, str(X.dtype))
     if isinstance(X, np.memmap):
         # Only the map np.load / np.memmap made (its buffer is the mmap itself): a view of it
         # carries the parent's offset and would describe the wrong bytes. A copy-on-write map
@@ -288,44 +375,61 @@ def describe(X: Any) -> SourceSpec | None:
             return None
         f = NpyFile.from_memmap(X)
         return SourceSpec("npy", f.path, f.shape, f.dtype.str, f.offset, f.fortran_order)
-    path = _zarr_local_path(X)
+    path = _zarr_location(X)
     if path is not None:
         return SourceSpec("zarr", path, tuple(int(s) for s in X.shape), str(X.dtype))
     return None
 
 
-def write_zarr(X: Any, path: Path, row_block: int = _CONVERT_CHUNK[0]) -> SourceSpec:
-    """Copy the (M, N) matrix X to a new chunked zarr array at `path`, `row_block` rows at a
-    time (only one block of X is in memory at once), and describe it."""
+def write_zarr(X: Any, path: storage.PathLike, row_block: int = _CONVERT_CHUNK[0]
+               ) -> SourceSpec:
+    """Copy the (M, N) matrix X to a new chunked zarr array at `path` (a local path or a URL),
+    `row_block` rows at a time (only one block of X is in memory at once), and describe it."""
     import zarr  # noqa: PLC0415
 
     M, N = (int(s) for s in X.shape)
     dtype = np.dtype(X.dtype)
-    z = zarr.create_array(str(path), shape=(M, N), dtype=dtype,
+    z = zarr.create_array(storage.zarr_store(path), shape=(M, N), dtype=dtype,
                           chunks=(min(M, _CONVERT_CHUNK[0]), min(N, _CONVERT_CHUNK[1])))
     step = max(1, row_block // _CONVERT_CHUNK[0]) * _CONVERT_CHUNK[0]  # whole chunks per write
     for r0 in range(0, M, step):
         r1 = min(r0 + step, M)
         z[r0:r1] = np.asarray(dense_rows(X, r0, r1), dtype=dtype)
-    return SourceSpec("zarr", str(path), (M, N), str(dtype))
+    return SourceSpec("zarr", storage.url(path), (M, N), str(dtype))
 
 
 @contextmanager
-def ray_source(X: Any, scratch_dir: str | Path | None = None) -> Iterator[SourceSpec]:
+def ray_source(X: Any, scratch_dir: storage.PathLike | None = None) -> Iterator[SourceSpec]:
     """A SourceSpec of X for Ray tasks, valid inside the `with` block.
 
     When X cannot be reopened by path (`describe` is None) it is written once, streaming, to
     a chunked zarr array in a new temporary directory inside `scratch_dir` (the system's temp
-    directory when None), said in the log, and deleted when the block ends."""
+    directory when None or on a filesystem only this process sees, memory://; a URL otherwise),
+    said in the log, and deleted when the block ends."""
     spec = describe(X)
     if spec is not None:
         yield spec
         return
     M, N = (int(s) for s in X.shape)
     nbytes = M * N * np.dtype(X.dtype).itemsize
-    if scratch_dir is not None:
-        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".profiles-for-ray-", dir=scratch_dir))
+    scratch = None if scratch_dir is None else storage.as_path(scratch_dir)
+    if scratch is not None and not storage.shared_across_processes(scratch):
+        scratch = None
+    if scratch is not None and not storage.is_local(scratch):
+        remote = scratch / f".profiles-for-ray-{uuid.uuid4().hex[:12]}"
+        try:
+            log.info("graph: the (%d, %d) %s profile matrix (%s, %.2f GB) cannot be opened by "
+                     "path in Ray workers; writing it once, streaming, to a chunked zarr array "
+                     "in %s (removed when done) so that tasks read only their blocks", M, N,
+                     np.dtype(X.dtype), type(X).__name__, nbytes / 1e9, storage.url(remote))
+            yield write_zarr(X, remote / "profiles.zarr")
+        finally:
+            storage.rmtree(remote)
+        return
+    if scratch is not None:
+        storage.makedirs(scratch)
+    tmp = Path(tempfile.mkdtemp(prefix=".profiles-for-ray-",
+                                dir=None if scratch is None else storage.local_path(scratch)))
     try:
         log.info("graph: the (%d, %d) %s profile matrix (%s, %.2f GB) cannot be opened by path "
                  "in Ray workers; writing it once, streaming, to a chunked zarr array in %s "
@@ -334,7 +438,7 @@ def ray_source(X: Any, scratch_dir: str | Path | None = None) -> Iterator[Source
         spec = write_zarr(X, tmp / "profiles.zarr")
         yield spec
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
 
 
 def peak_rss_mb() -> float:

@@ -6,17 +6,21 @@ this process. The output is written completely before summary.json, so an interr
 leaves no summary; re-running it redoes the cheap passes and resumes the correlation pass from
 its checkpoint (graph/pass2_checkpoint.npz, saved every minute). A complete output made with
 the same graph config on the same profiles is reused.
+
+run_dir may be a local path or an fsspec URL (`scalespd.storage`); Ray tasks open the profiles
+by path or URL, so a run directory only this process sees (memory://) keeps the work here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
 
+from scalespd import storage
 from scalespd.backend import resolve_device
 from scalespd.config import RunConfig
 from scalespd.errors import StageInputError
@@ -41,36 +45,43 @@ def _manifest_info(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
     from scalespd.profiles import open_profiles, read_components  # noqa: PLC0415
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     profiles_dir = run_dir / "profiles"
     out = run_dir / GRAPH_DIR
     X = open_profiles(profiles_dir)
     table = read_components(profiles_dir)
+    components_csv = storage.url(profiles_dir / "components.csv")
     if len(table) != X.shape[1]:
         raise StageInputError(
-            f"{profiles_dir / 'components.csv'} has {len(table)} rows but the profiles array "
+            f"{components_csv} has {len(table)} rows but the profiles array "
             f"has {X.shape[1]} columns; re-run the profiles stage"
         )
     columns = np.sort(table.loc[table["alive"], "component"].to_numpy(dtype=np.int64))
     if columns.size == 0:
         raise StageInputError(
-            f"graph: no alive subcomponents in {profiles_dir / 'components.csv'} (all "
+            f"graph: no alive subcomponents in {components_csv} (all "
             f"{len(table)} have max CI <= profiles.tau = {cfg.profiles.tau}); lower "
             "profiles.tau or train the decomposition longer"
         )
-    source = {"path": str(profiles_dir), "shape": list(X.shape), "n_alive": int(columns.size)}
+    source = {"path": storage.url(profiles_dir), "shape": list(X.shape),
+              "n_alive": int(columns.size)}
 
     if (out / SUMMARY).exists():
         old = json.loads((out / SUMMARY).read_text())
         if old.get("config") == cfg.graph.model_dump(mode="json") and old.get("source") == source:
-            log.info("graph: reusing the complete output in %s", out)
+            log.info("graph: reusing the complete output in %s", storage.url(out))
             return _manifest_info(old)
 
     device = resolve_device(cfg.graph.device)
     use_ray = choose_graph(cfg.ray.executor, columns.size, cfg.graph.tile_cols, cfg.ray) == "ray"
+    if use_ray and not storage.shared_across_processes(run_dir):
+        # Ray workers are other processes: they cannot open a memory:// run directory.
+        log.info("graph: %s is visible to this process only; the work runs here, not as Ray "
+                 "tasks", storage.url(run_dir))
+        use_ray = False
     if use_ray:
         from scalespd.raytools import ensure_ray  # noqa: PLC0415
 

@@ -7,19 +7,20 @@ the other always-on setting can differ (see `scalespd.spectral.alternative`), an
 `spectral/quality.json`: the clustering's quality without ground truth (coherence, separation,
 stability under row resampling and under other seeds; `scalespd.spectral.quality`). spectra.json
 is written last, each file atomically, so its presence marks a complete output; a re-run simply
-recomputes them (the stage takes seconds).
+recomputes them (the stage takes seconds). run_dir may be a local path or an fsspec URL
+(`scalespd.storage`); the Ray tasks of this stage receive subgraphs, never paths.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from upath import UPath
 
+from scalespd import storage
 from scalespd.backend import resolve_device
 from scalespd.config import RunConfig
 from scalespd.errors import StageInputError
@@ -52,31 +53,33 @@ def check_graph_matches(graph: GraphResult, meta: pd.DataFrame, source: str) -> 
         )
 
 
-def _write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(path)
+def _write_csv_atomic(table: pd.DataFrame, path: UPath) -> None:
+    with storage.atomic_writer(path, "w") as f:
+        table.to_csv(f, index=False)
 
 
 def write_outputs(
-    out_dir: Path, table: pd.DataFrame, result: AliveClustering, extra: dict[str, Any]
+    out_dir: storage.PathLike, table: pd.DataFrame, result: AliveClustering,
+    extra: dict[str, Any],
 ) -> None:
-    """clusters.csv then spectra.json, each through a temp file + atomic rename."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """clusters.csv then spectra.json, each all or nothing (`scalespd.storage.atomic_writer`).
+    out_dir: a local path or a URL."""
+    out_dir = storage.as_path(out_dir)
+    storage.makedirs(out_dir)
     (out_dir / SPECTRA_FILE).unlink(missing_ok=True)
     _write_csv_atomic(table, out_dir / CLUSTERS_FILE)
     doc = {"info": result.info, **extra, "pieces": result.spectra}
     write_json_atomic(out_dir / SPECTRA_FILE, doc, indent=1)
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
     from scalespd.profiles import open_profiles, read_components  # noqa: PLC0415
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     scfg = cfg.spectral
     graph = GraphResult.load(run_dir / "graph")
     meta = read_components(run_dir / "profiles")
-    check_graph_matches(graph, meta, str(run_dir / "graph"))
+    check_graph_matches(graph, meta, storage.url(run_dir / "graph"))
     by_id = meta.set_index("component")
     frac = by_id.loc[graph.columns, "frac_active"].to_numpy(np.float64)
     X = open_profiles(run_dir / "profiles")
@@ -98,7 +101,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         alt = cluster_alive(graph, alt_cfg, frac_active=frac, profiles=profiles, device=device,
                             executor=cfg.ray.executor, ray_cfg=cfg.ray)
         alt_table = clusters_table(meta, graph.columns, graph.labels, alt.labels)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out_dir)
         _write_csv_atomic(alt_table, out_dir / ALTERNATIVE_FILE)
         extra["alternative"] = {"label": describe(alt_cfg),
                                 "always_on_fraction": alt_cfg.always_on_fraction,
@@ -110,7 +113,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     quality = cluster_quality(X, graph, result.labels, cfg.graph, scfg, frac_active=frac,
                               graph_device=resolve_device(cfg.graph.device), device=device,
                               executor=cfg.ray.executor, ray_cfg=cfg.ray)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir)
     write_json_atomic(out_dir / QUALITY_FILE, quality, indent=1)
     log.info("spectral quality: %s (%.1f s)", headline(quality),
              quality["timings"]["total_s"])
