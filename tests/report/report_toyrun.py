@@ -10,6 +10,7 @@ DEC_OF[f] serve feature f; identity subcomponents 0 and 1 are important on every
 from __future__ import annotations
 
 import html.parser
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,87 @@ class LinkCollector(html.parser.HTMLParser):
         for k, v in attrs:
             if k in ("src", "href") and v:
                 self.links.append(v)
+
+
+# --------------------------------------------------------------------------------------------
+# A whole toy run directory, as the earlier stages leave it (no stage run)
+# --------------------------------------------------------------------------------------------
+
+
+def _toy_clusters(names: list[str], identity_spread: bool) -> np.ndarray:
+    """Feature f -> cluster f (encoder f + its decoder); identity pieces either spread over the
+    clusters of features 0 and 3 (the paper's failure) or together in cluster F."""
+    out = []
+    for n in names:
+        path, c = n.split(":")
+        if path == "linear1":
+            out.append(int(c))
+        elif path == "linear2":
+            out.append(DEC_OF.index(int(c)))
+        else:
+            out.append((0 if int(c) == 0 else 3) if identity_spread else F)
+    return np.array(out)
+
+
+def write_toy_run(run_dir: Path) -> None:
+    """profiles/, graph/, spectral/ (clusters, alternative clustering, spectra, quality),
+    evaluate/ (one-hot CI, ground truth) and manifest.json of a finished toy run with the fake
+    decomposition, written by hand (local files only), for the report stage to read."""
+    from scalespd.graph import GraphResult  # noqa: PLC0415
+    from scalespd.targets import ground_truth  # noqa: PLC0415
+
+    cfg = run_config()
+    comps = write_profiles(run_dir / "profiles")
+    alive = comps["alive"].to_numpy()
+    alive_ids = np.flatnonzero(alive)
+    names = comps["name"].astype(str).tolist()
+    alive_names = [names[j] for j in alive_ids]
+
+    import zarr  # noqa: PLC0415
+
+    X = zarr.open_array(str(run_dir / "profiles" / "ci.zarr"), mode="r")[:][:, alive_ids]
+    W = knn_graph(X, k=3)
+    n, k = len(alive_ids), 3
+    GraphResult(columns=alive_ids.astype(np.int64), mean=X.mean(0).astype(np.float64),
+                std=X.std(0).astype(np.float64), min=X.min(0).astype(np.float64),
+                max=X.max(0).astype(np.float64), zero_var=np.zeros(n, dtype=bool),
+                topk_idx=np.full((n, k), -1, dtype=np.int64),
+                topk_val=np.zeros((n, k), dtype=np.float32), graph=W,
+                labels=np.zeros(n, dtype=np.int64), threshold=0.1,
+                summary={"threshold": 0.1, "n_zero_var": 0}).save(run_dir / "graph")
+
+    spectral = run_dir / "spectral"
+    spectral.mkdir(parents=True)
+    for fname, spread in (("clusters.csv", True), ("clusters_alternative.csv", False)):
+        df = comps[["component", "name", "layer", "module", "alive"]].copy()
+        df["connected_component"] = np.where(alive, 0, -1)
+        cluster = np.full(len(comps), -1)
+        cluster[alive_ids] = _toy_clusters(alive_names, identity_spread=spread)
+        df["cluster"] = cluster
+        df.to_csv(spectral / fname, index=False)
+    (spectral / "spectra.json").write_text(json.dumps({
+        "info": {"n_always_on": 2, "n_pieces": 1},
+        "pieces": [{"key": 0, "size": n, "depth": 0, "k": 4,
+                    "eigenvalues": [0.0, 0.01, 0.02, 0.03, 0.6, 0.7, 0.8]}],
+        "alternative": {"label": "always-on grouped", "always_on_fraction": 0.5,
+                        "n_always_on": 2}}))
+    (spectral / "quality.json").write_text(json.dumps({
+        "n_clusters_scored": 2, "n_rows_sample": 200, "median_coherence": 0.8,
+        "mean_coherence": 0.75, "median_margin": 0.3, "median_stability": 0.9,
+        "resample": {"ari_mean": 0.95, "ari_min": 0.9, "repeats": 3},
+        "seeds": {"ari_mean": 1.0, "ari_min": 1.0, "seeds": [0, 1]},
+        "clusters": [{"cluster": 0, "size": 3, "coherence": 0.8, "nearest": 1,
+                      "margin": 0.3, "stability": 0.9},
+                     {"cluster": 3, "size": 3, "coherence": 0.7, "nearest": 0,
+                      "margin": 0.2, "stability": 0.8}]}))
+
+    evaluate = run_dir / "evaluate"
+    evaluate.mkdir()
+    onehot, onehot_names = fake_onehot_ci(cfg.evaluate.onehot_value)
+    assert onehot_names == names
+    np.save(evaluate / "onehot_ci.npy", onehot.astype(np.float32))
+    (evaluate / "ground_truth.json").write_text(json.dumps(ground_truth(cfg.target)))
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {
+        "profiles": {"status": "complete", "seconds": 1.5},
+        "graph": {"status": "complete", "seconds": 0.5},
+        "spectral": {"status": "complete", "seconds": 0.25}}}))
