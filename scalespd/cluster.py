@@ -29,6 +29,11 @@ pages do not pile up in the resident set. With Ray, tasks get a small descriptor
 (path, kind, shape, dtype, row subset) and read their own column tiles from the file or zarr
 store; the matrix never enters Ray's object store (issue 16).
 
+Locations. PROFILES, --components and --out may be local paths or fsspec URLs (s3://, gs://,
+memory://, ...; `scalespd.storage`). A `.npy` at a URL is read by byte ranges of whole rows (C
+order only); Ray tasks reach an input at a URL themselves, except on a filesystem only this
+process sees (memory://), where the work stays in this process.
+
 Output safety. Everything is written into a temporary sibling directory
 (`.DIR.partial-<pid>-<host>`) that is renamed to DIR only when all of it is complete, so an
 interrupted or failed run never leaves a DIR that looks finished; a run killed outright leaves
@@ -37,7 +42,10 @@ existing non-empty DIR is refused; `--overwrite` replaces it only when it holds 
 an earlier run recorded in `.scalespd-cluster.json` — a DIR with other files (or no record) is
 refused even with `--overwrite`, and so is a DIR that holds PROFILES or --components, or that
 lies inside the PROFILES directory. The old DIR is renamed aside and deleted only after the
-new one is in place (a run killed in between gets it restored by the next run).
+new one is in place (a run killed in between gets it restored by the next run). An --out on an
+object store (or memory://) has no renames: the files are written into DIR itself and
+.scalespd-cluster.json, written last, marks it complete; a failed or interrupted run removes
+what it wrote, and --overwrite removes the old output before writing the new one.
 
 Input checks. Bad input stops with one `error:` line on stderr naming the file or flag, and
 exit status 2: a missing, empty (0-byte) or unreadable file, not 2-D, fewer than MIN_ROWS
@@ -58,7 +66,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -66,7 +73,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +82,9 @@ import pandas as pd
 import psutil
 import scipy.sparse as sp
 from pydantic import ValidationError
+from upath import UPath
 
+from scalespd import storage
 from scalespd.config import GraphConfig, ProfilesConfig, SpectralConfig
 from scalespd.errors import (
     EXIT_INTERRUPTED,
@@ -135,7 +144,7 @@ def _block_ranges(blocks: list[int], layout: Any) -> tuple[tuple[int, int], ...]
     return tuple(out)
 
 
-def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str, Any] | None]:
+def open_harvest(profiles_dir: UPath, allow_partial: bool) -> tuple[Any, dict[str, Any] | None]:
     """The CI array of the scalespd profiles directory `profiles_dir` and, for an unfinished
     harvest opened with allow_partial, the record of the finished row blocks it is limited to
     (the array is then a RowSubset of those rows)."""
@@ -195,25 +204,28 @@ def open_harvest(profiles_dir: Path, allow_partial: bool) -> tuple[Any, dict[str
     return row_subset(arr, tuple(ranges)), info
 
 
-def open_sparse(path: Path) -> sp.csr_matrix:
+def open_sparse(path: UPath) -> sp.csr_matrix:
     """The scipy sparse matrix saved at `path` (scipy.sparse.save_npz), in CSR form so that its
     row blocks are cheap slices."""
     if path.is_file() and path.stat().st_size == 0:
         raise InputError(f"PROFILES {path} is empty (0 bytes); expected a sparse matrix written "
                          "by scipy.sparse.save_npz")
     try:
-        X = sp.load_npz(path)
+        with path.open("rb") as f:
+            X = sp.load_npz(f)
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
         raise InputError(f"PROFILES {path} is not a sparse matrix saved by "
                          f"scipy.sparse.save_npz ({err})") from None
     return sp.csr_matrix(as_row_sliceable(X))
 
 
-def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str, Any] | None]:
+def open_matrix(path: storage.PathLike, allow_partial: bool = False
+                ) -> tuple[Any, dict[str, Any] | None]:
     """The (M, N) profile matrix at `path`: .npy (an NpyFile, read-only), a scipy sparse .npz
     (loaded whole as CSR), a zarr array, or a profiles directory holding ci.zarr; a dense one is
     never read whole. The second value is None, or the record of the finished row blocks of an
     unfinished harvest (see `open_harvest`)."""
+    path = storage.as_path(path)
     partial = None
     X: NpyFile | RowSubset | zarr.Array | sp.csr_matrix
     if not path.exists():
@@ -241,7 +253,7 @@ def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str,
             # The sparse layout of a scalespd harvest (a zarr group of CSR row blocks).
             return _checked_shape(path, *open_harvest(target.parent, allow_partial))
         try:
-            X = zarr.open_array(str(target), mode="r")
+            X = zarr.open_array(store=storage.zarr_store(target, read_only=True), mode="r")
         except Exception as err:  # noqa: BLE001  (zarr raises several types for "no array")
             raise InputError(
                 f"PROFILES {path} is neither a .npy file nor a zarr array ({err})"
@@ -252,7 +264,7 @@ def open_matrix(path: Path, allow_partial: bool = False) -> tuple[Any, dict[str,
     return _checked_shape(path, X, partial)
 
 
-def _checked_shape(path: Path, X: Any, partial: dict[str, Any] | None
+def _checked_shape(path: UPath, X: Any, partial: dict[str, Any] | None
                    ) -> tuple[Any, dict[str, Any] | None]:
     """(X, partial) after checking that X is a 2-D numeric matrix with enough rows."""
     if len(X.shape) != 2:
@@ -273,16 +285,18 @@ def _checked_shape(path: Path, X: Any, partial: dict[str, Any] | None
     return X, partial
 
 
-def read_metadata(path: Path | None, n_cols: int) -> pd.DataFrame:
+def read_metadata(path: storage.PathLike | None, n_cols: int) -> pd.DataFrame:
     """component,name,layer,module(,module_type) for each of the n_cols columns: from the CSV
     at `path` (needs name, layer, module; one row per column, in column order) or generic."""
     if path is None:
         return pd.DataFrame({"component": np.arange(n_cols), "name": [f"col:{i}" for i in
                              range(n_cols)], "layer": 0, "module": "", "module_type": ""})
+    path = storage.as_path(path)
     if not path.is_file():
         raise InputError(f"--components {path} does not exist")
     try:
-        df = pd.read_csv(path)
+        with path.open("rb") as f:
+            df = pd.read_csv(f)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
         raise InputError(f"--components {path} is not a readable CSV ({err})") from None
     missing = [c for c in META_COLUMNS if c not in df.columns]
@@ -391,20 +405,21 @@ def _check_sparse_block(B: Any, r0: int, source: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sibling(out: Path, kind: str) -> Path:
+def _sibling(out: UPath, kind: str) -> UPath:
     """This process's temporary sibling of `out` ("partial": being written, "old": the output
     being replaced)."""
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{_HOST}"
 
 
-def remove_stale_siblings(out: Path) -> None:
+def remove_stale_siblings(out: UPath) -> None:
     """Clean up after runs on `out` that were killed outright (SIGKILL, power loss).
 
     Their `.<name>.partial-<pid>-<host>` directories are deleted, and a
     `.<name>.old-<pid>-<host>` (the output a run was replacing at the moment it died) is moved
     back to `out` when `out` is missing, else deleted. Only siblings of this host whose process
-    is gone are touched: a live pid (even a reused one) or another host's run is left alone."""
-    if not out.parent.is_dir():
+    is gone are touched: a live pid (even a reused one) or another host's run is left alone.
+    An --out without renames (an object store) has no such siblings."""
+    if not storage.has_rename(out) or not out.parent.is_dir():
         return
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)(?:-(.+))?")
     for path in sorted(out.parent.iterdir()):
@@ -419,32 +434,43 @@ def remove_stale_siblings(out: Path) -> None:
             log.warning("restored %s from %s, left by a run (pid %d) killed while replacing it",
                         out, path.name, pid)
         else:
-            shutil.rmtree(path)
+            storage.rmtree(path, missing_ok=False)
             log.info("removed %s, left by a run (pid %d) that is no longer running", path, pid)
 
 
-def _inside(child: Path, parent: Path) -> bool:
+def _inside(child: PurePosixPath, parent: PurePosixPath) -> bool:
     """Whether `child` is `parent` or lies below it (both already resolved)."""
     return child == parent or parent in child.parents
 
 
-def check_out_apart_from_inputs(out: Path, inputs: list[tuple[str, Path]]) -> None:
+def _location(p: UPath) -> tuple[str, PurePosixPath]:
+    """(filesystem, absolute path on it) of `p`, resolved where it is local, to compare
+    locations: paths on different filesystems never contain one another."""
+    if storage.is_local(p):
+        return "", PurePosixPath(storage.local_path(p).resolve())
+    protocol = p.protocol
+    return protocol, PurePosixPath("/" + p.path.strip("/"))
+
+
+def check_out_apart_from_inputs(out: UPath, inputs: list[tuple[str, UPath]]) -> None:
     """--out must neither hold an input nor lie inside the PROFILES directory: replacing it
     would delete the input, and the input's directory is not ours to write into.
 
     inputs: (flag, path) of PROFILES and --components."""
-    o = out.resolve()
+    o_fs, o = _location(out)
     for flag, path in inputs:
-        p = path.resolve()
+        p_fs, p = _location(path)
+        if p_fs != o_fs:
+            continue
         if _inside(p, o):
             raise InputError(f"--out {out} holds the input {flag} {path}; choose an --out "
                              "directory that does not contain the inputs")
-        if p.is_dir() and _inside(o, p):
+        if path.is_dir() and _inside(o, p):
             raise InputError(f"--out {out} lies inside the {flag} directory {path}; choose an "
                              "--out outside it")
 
 
-def recorded_outputs(out: Path) -> set[str] | None:
+def recorded_outputs(out: UPath) -> set[str] | None:
     """The files (relative paths) an earlier run recorded writing into `out`, from its
     MANIFEST; None when `out` holds no readable record."""
     try:
@@ -457,16 +483,29 @@ def recorded_outputs(out: Path) -> set[str] | None:
         return None
 
 
-def _entries(root: Path) -> list[str]:
-    """Relative paths of every file, directory and link below `root` (links not followed)."""
+def _entries(root: UPath) -> list[str]:
+    """Relative paths of every file, directory and link below `root` (links not followed);
+    at a URL, of every object and the folders the filesystem reports."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        out += [(rel / n).as_posix() for n in dirnames + filenames]
-    return sorted(out)
+    if storage.is_local(root):
+        for dirpath, dirnames, filenames in os.walk(storage.local_path(root)):
+            rel = Path(dirpath).relative_to(storage.local_path(root))
+            out += [(rel / n).as_posix() for n in dirnames + filenames]
+        return sorted(out)
+    return _remote_entries(root, withdirs=True)
 
 
-def check_existing_out(out: Path, overwrite: bool) -> None:
+def _remote_entries(root: UPath, withdirs: bool) -> list[str]:
+    """Relative paths of the objects (and, with `withdirs`, the folders) below the URL
+    `root`."""
+    base = root.path.rstrip("/")
+    found = root.fs.find(base, withdirs=withdirs, detail=True)
+    out = {name.rstrip("/")[len(base):].lstrip("/") for name, info in found.items()
+           if withdirs or info.get("type") != "directory"}
+    return sorted(out - {""})
+
+
+def check_existing_out(out: UPath, overwrite: bool) -> None:
     """An existing --out may be replaced only when it is an empty directory, or with
     --overwrite when it holds exactly what an earlier run recorded in MANIFEST."""
     if not out.exists() and not out.is_symlink():
@@ -498,18 +537,24 @@ def check_existing_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def prepare_out(out: Path, overwrite: bool, inputs: list[tuple[str, Path]]) -> Path:
+def prepare_out(out: UPath, overwrite: bool, inputs: list[tuple[str, UPath]]) -> UPath:
     """Check that --out may be written (see `check_out_apart_from_inputs`,
     `check_existing_out`), clean up stale siblings, and return a new, empty temporary
-    directory next to it to fill."""
+    directory next to it to fill. Without renames (`scalespd.storage.has_rename`: an object
+    store) the directory to fill is --out itself, emptied of an earlier run's output that
+    --overwrite replaces."""
     check_out_apart_from_inputs(out, inputs)
     remove_stale_siblings(out)  # first: it may restore an --out that a killed run moved aside
     check_existing_out(out, overwrite)
-    tmp = _sibling(out, "partial")
     try:
+        if not storage.has_rename(out):
+            _empty(out)
+            storage.makedirs(out)
+            return out
+        tmp = _sibling(out, "partial")
         out.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
-            shutil.rmtree(tmp)
+            storage.rmtree(tmp, missing_ok=False)
         tmp.mkdir()
     except OSError as err:
         user = storage_error(err)
@@ -520,11 +565,31 @@ def prepare_out(out: Path, overwrite: bool, inputs: list[tuple[str, Path]]) -> P
     return tmp
 
 
-def write_manifest(tmp: Path, summary: dict[str, Any]) -> None:
+def _empty(out: UPath) -> None:
+    """Remove everything inside the folder `out` (which stays, where folders exist)."""
+    if out.is_dir():
+        for child in list(out.iterdir()):
+            storage.remove(child)
+
+
+def discard(tmp: UPath, out: UPath) -> None:
+    """Remove what a failed or interrupted run wrote: its temporary sibling, or (without
+    renames) the contents of --out itself."""
+    if tmp == out:
+        _empty(out)
+    else:
+        storage.rmtree(tmp)
+
+
+def write_manifest(tmp: UPath, summary: dict[str, Any]) -> None:
     """Record every file written into `tmp` (relative paths) in tmp/MANIFEST, last: a later
-    --overwrite replaces a directory only when it holds exactly these files."""
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
-                   if p.is_file() and p.name != MANIFEST)
+    --overwrite replaces a directory only when it holds exactly these files. Where --out is
+    written in place (an object store), this record is also what marks it complete."""
+    if storage.is_local(tmp):
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                       if p.is_file() and p.name != MANIFEST)
+    else:
+        files = [f for f in _remote_entries(tmp, withdirs=False) if f != MANIFEST]
     write_json_atomic(tmp / MANIFEST, {
         "written_by": "scalespd.cluster",
         "format_version": MANIFEST_FORMAT,
@@ -535,9 +600,12 @@ def write_manifest(tmp: Path, summary: dict[str, Any]) -> None:
     })
 
 
-def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+def publish(tmp: UPath, out: UPath, overwrite: bool) -> None:
     """Move the finished temporary directory into place; an old DIR is renamed aside first and
-    deleted only once the new one is in place (restored if that rename fails)."""
+    deleted only once the new one is in place (restored if that rename fails). Nothing to do
+    where --out was written in place."""
+    if tmp == out:
+        return
     # The rules again: the run may have taken long, and someone may have written into --out.
     check_existing_out(out, overwrite)
     old = None
@@ -551,7 +619,7 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> None:
             old.rename(out)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        storage.rmtree(old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,11 +634,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Cluster subcomponent activation profiles (M inputs x N subcomponents) into "
                     "mechanisms: alive filter -> correlation k-NN graph -> spectral clustering.",
     )
-    p.add_argument("profiles", type=Path,
+    p.add_argument("profiles", type=storage.as_path,
                    help="(M, N) matrix: .npy file, scipy sparse .npz (scipy.sparse.save_npz), "
                         "zarr array, or a profiles dir with ci.zarr")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--components", type=Path,
+    p.add_argument("--out", type=storage.as_path, required=True,
+                   help="output directory (a local path or an fsspec URL)")
+    p.add_argument("--components", type=storage.as_path,
                    help="CSV with name,layer,module (optional module_type) per column")
     p.add_argument("--tau", type=float, default=pr.tau, help="alive if max > tau (%(default)s)")
     p.add_argument("--k", type=int, default=g.k, help="neighbours per node (%(default)s)")
@@ -692,28 +761,36 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     gcfg, scfg = _configs(args)
     device = resolve_device(args.device, field="--device")  # "cuda" without a GPU: an error
-    X, partial = open_matrix(args.profiles, args.allow_partial)
+    profiles = storage.as_path(args.profiles)
+    components = None if args.components is None else storage.as_path(args.components)
+    X, partial = open_matrix(profiles, args.allow_partial)
     M, N = (int(s) for s in X.shape)
-    meta = read_metadata(args.components, N)
-    out = Path(args.out)
-    inputs = [("PROFILES", Path(args.profiles))]
-    if args.components is not None:
-        inputs.append(("--components", Path(args.components)))
+    meta = read_metadata(components, N)
+    out = storage.as_path(args.out)
+    inputs = [("PROFILES", profiles)]
+    if components is not None:
+        inputs.append(("--components", components))
     tmp = prepare_out(out, args.overwrite, inputs)
     try:
         timings: dict[str, float] = {}
-        stats = column_stats(X, args.tau, str(args.profiles))
+        stats = column_stats(X, args.tau, storage.url(profiles))
         table = pd.concat([meta, stats], axis=1)
         alive = np.flatnonzero(table["alive"].to_numpy())
         timings["alive_filter_s"] = time.perf_counter() - t0
         if alive.size == 0:
-            raise InputError(f"no column of PROFILES {args.profiles} exceeds --tau {args.tau} "
-                             f"(largest value {float(stats['max'].max()):.4g}); lower --tau")
+            raise InputError(f"no column of PROFILES {storage.url(profiles)} exceeds --tau "
+                             f"{args.tau} (largest value {float(stats['max'].max()):.4g}); "
+                             "lower --tau")
         log.info("%d of %d columns alive (max > %g), M = %d%s", alive.size, N, args.tau, M,
                  "" if partial is None else f" (finished blocks only: {partial['finished_blocks']}"
                  f" of {partial['n_blocks']}, {M} of {partial['rows_total']} rows)")
 
         use_ray = choose_graph(args.executor, alive.size, gcfg.tile_cols) == "ray"
+        if use_ray and not storage.shared_across_processes(profiles):
+            # Ray workers are other processes: they cannot open a memory:// input.
+            log.info("graph: PROFILES %s is visible to this process only; the work runs here, "
+                     "not as Ray tasks", storage.url(profiles))
+            use_ray = False
         if use_ray:
             from scalespd.raytools import ensure_ray  # noqa: PLC0415
 
@@ -735,7 +812,8 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
         timings["spectral_s"] = time.perf_counter() - t2
 
         csum = cluster_summary(clusters)
-        table.to_csv(tmp / "components.csv", index=False)
+        with storage.atomic_writer(tmp / "components.csv", "w") as f:
+            table.to_csv(f, index=False)
         write_outputs(tmp, clusters, result, {"k_max": scfg.k_max, "seed": scfg.seed,
                                               "device": device})
         timings["total_s"] = time.perf_counter() - t0
@@ -763,19 +841,20 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                        "recursive_split": scfg.recursive_split, "device": device,
                        "executor": {"graph": "ray" if use_ray else "local",
                                     "spectral": result.info["executor"]}},
-            "inputs": {"profiles": str(args.profiles), "shape": [M, N], "dtype": str(X.dtype),
-                       "components": None if args.components is None else str(args.components)},
+            "inputs": {"profiles": storage.url(profiles), "shape": [M, N],
+                       "dtype": str(X.dtype),
+                       "components": None if components is None else storage.url(components)},
             # None, or which row blocks of an unfinished harvest were used (--allow-partial).
             "partial": partial,
             "timings": {**{k: round(v, 4) for k, v in timings.items()},
                         "ray_worker_peak_rss_mb": worker_peak},
         }
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        storage.write_text_atomic(tmp / "summary.json", json.dumps(summary, indent=1))
         write_manifest(tmp, summary)
         publish(tmp, out, args.overwrite)
         return summary
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp, out)
         raise
 
 

@@ -78,7 +78,7 @@ class NpyFile:
     offset: int
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> NpyFile:
+    def open(cls, path: storage.PathLike) -> NpyFile:
         """The array of the .npy file at `path` (header parsed and checked by np.load; at a URL
         by numpy's header reader).
 
@@ -87,7 +87,7 @@ class NpyFile:
         p = storage.as_path(path)
         if not storage.is_local(p):
             return cls._open_remote(p)
-        m = np.load(path, mmap_mode="r", allow_pickle=False)
+        m = np.load(storage.local_path(p), mmap_mode="r", allow_pickle=False)
         try:
             return cls.from_memmap(m)
         finally:
