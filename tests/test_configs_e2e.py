@@ -1,11 +1,11 @@
 """Every shipped config, scaled down, runs through all seven stages in CI.
 
 The full reproductions (bench/results/repro_*.json) take from minutes to hours; here each config
-keeps its architecture, module patterns, C and clustering settings but trains for a few hundred
-steps on small batches, so this checks that the config and every stage fit together and that the
-report scores the result against that toy's ground truth. Such short runs recover none or few of
-the larger toys' mechanisms, so only TMS 5-2 is held to a result: trained with the package's
-CPU-fast recipe (2000 SPD steps, ~20 s), it recovers all five encoder-decoder pairs.
+keeps its architecture, module patterns, C and clustering settings but trains for a few dozen
+SPD steps on small batches, so this checks that the config and every stage fit together and that
+the report scores the result against that toy's ground truth. Such short runs recover none or
+few of the mechanisms, so none is held to a result here: the built-in default (TMS 5-2 with the
+package's CPU-fast recipe) is, by tests/test_console.py, which runs it in full.
 
 The language-model config keeps its recipe (offline default target trained on the bundled
 corpus, global CI function, subset loss, per-token profiles, ablations) on a 2-layer, d_model 32
@@ -44,18 +44,11 @@ EXPECTED_ALIVE = {"tms_5-2": 10, "tms_5-2-id": 12, "tms_40-10": 80, "tms_40-10-i
 
 def _scaled(name: str) -> dict:
     data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    if name == "tms_5-2":
-        # The built-in default's SPD recipe (DecomposeConfig), which recovers TMS 5-2.
-        return _merge(data, {"target": {"train": {"steps": 2000}},
-                             "decompose": {"steps": 2000, "batch_size": 512,
-                                           "schedule": {"lr": 0.01, "fn": "cosine",
-                                                        "final_frac": 0.0},
-                                           "save_every": 1000}})
     train = data["target"].get("train", {"schedule": {"lr": 3e-3}})
     over = {
         "target": {"train": {**train, "steps": 200, "batch_size": 256}},
-        "decompose": {"steps": 150, "batch_size": 256, "faithfulness_warmup_steps": 20,
-                      "save_every": 100, "log_every": 50, "eval_batch_size": 512},
+        "decompose": {"steps": 60, "batch_size": 256, "faithfulness_warmup_steps": 20,
+                      "save_every": 30, "log_every": 30, "eval_batch_size": 512},
         "profiles": {"n_samples": 2048, "chunk_rows": 1024, "block_rows": 1024,
                      "samples_per_feature": 20},
     }
@@ -124,7 +117,4 @@ def test_scaled_down_config_runs_end_to_end(name: str, tmp_path: Path, ray_local
     assert gt["mechanisms_total"] == cfg.target.n_features
     assert gt["expected_alive"] == EXPECTED_ALIVE[name]
     assert gt["n_nodes"] == summary["n_alive"]
-    if name == "tms_5-2":
-        assert summary["n_alive"] == 10, summary["n_alive"]
-        assert gt["mechanisms_recovered"] == 5 and gt["ari"] == pytest.approx(1.0), gt
     assert (tmp_path / "report" / "index.html").stat().st_size > 0

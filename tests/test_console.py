@@ -8,12 +8,15 @@ warning, no traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("target", "decompose", "profiles", "graph", "spectral", "evaluate", "report")
@@ -68,6 +71,12 @@ def test_default_run_console_has_no_repeated_lines_warnings_or_tracebacks(tmp_pa
     for stage in STAGES:
         assert f"[{stage}] running" in out and f"[{stage}] done" in out, stage
     assert f"report: {run_dir}/report/index.html" in out
+    # ... and what it finds: the built-in default (TMS 5-2, the CPU-fast SPD recipe) recovers all
+    # five encoder-decoder pairs, ten alive subcomponents in five clusters.
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    gt = summary["ground_truth"]
+    assert summary["n_alive"] == 10, summary["n_alive"]
+    assert gt["mechanisms_recovered"] == 5 and gt["ari"] == pytest.approx(1.0), gt
 
     repeats = repeated_lines(out)
     assert not repeats, "lines printed more than once:\n" + "\n".join(
