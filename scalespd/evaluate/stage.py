@@ -91,7 +91,7 @@ def _evaluate_lm(cfg: RunConfig, run_dir: UPath, out: UPath) -> dict[str, Any]:
     write_json_atomic(out / TOKENS_FILE, {"tokens": tokens})
 
     ecfg = cfg.evaluate
-    with (run_dir / "spectral" / CLUSTERS_FILE).open() as f:
+    with (run_dir / "spectral" / CLUSTERS_FILE).open("rb") as f:
         table = pd.read_csv(f)
     clusters = largest_clusters(table, ecfg.ablation_clusters)
     (out / ABLATION_FILE).unlink(missing_ok=True)

@@ -79,7 +79,7 @@ def _read_csv(path: UPath, required: Sequence[str]) -> pd.DataFrame:
     if not path.is_file():
         raise ReportInputError(f"{storage.url(path)} is missing (run the stage that writes it "
                                "first)")
-    with path.open() as f:
+    with path.open("rb") as f:
         df = pd.read_csv(f)
     missing = [c for c in required if c not in df.columns]
     if missing:
