@@ -11,6 +11,9 @@ uninterrupted one. Memory is bounded by one block (block_rows x N) per worker, n
 A write that fails (a full disk, permissions) ends the harvest with the OSError naming the file
 or array it was writing (in a Ray actor too); the blocks finished before it keep their records,
 and a re-run once the disk has space completes the others.
+
+The output folder may be a local path or an fsspec URL (`scalespd.storage`). Ray actors get it
+as a URL string; a folder only this process can see (memory://) keeps the harvest in-process.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ import json
 import logging
 import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -34,7 +35,9 @@ import pandas as pd
 import torch
 import zarr
 from tqdm.auto import tqdm
+from upath import UPath
 
+from scalespd import storage
 from scalespd.backend import resolve_device
 from scalespd.config import ProfilesConfig, RayConfig
 from scalespd.errors import naming_file
@@ -49,9 +52,9 @@ from scalespd.profiles.reader import (
 )
 from scalespd.profiles.sources import RowSource
 from scalespd.profiles.sparse_store import STORAGE as CSR_STORAGE
-from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store
+from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store, uncached
 from scalespd.profiles.sparse_store import remove_temporaries as remove_csr_temporaries
-from scalespd.profiles.stats import ColumnStats, atomic_write_npz, merge_all
+from scalespd.profiles.stats import ColumnStats, atomic_write_npz, load_npz, merge_all
 from scalespd.profiles.store import (
     FORMAT_VERSION,
     BlockLayout,
@@ -65,6 +68,7 @@ from scalespd.profiles.store import (
     create_or_open_inputs,
     finished_blocks,
     is_temporary_of,
+    open_ci_for_writing,
 )
 
 log = logging.getLogger(__name__)
@@ -294,14 +298,14 @@ def compute_block(
 
 def write_block(
     c: ComputedBlock, source: RowSource, ci: zarr.Array | SparseTarget, inputs: zarr.Group | None,
-    blocks_dir: Path, chunks: ChunkWriter | None = None,
+    blocks_dir: UPath, chunks: ChunkWriter | None = None,
 ) -> BlockResult:
     """Write the block's rows (all N columns: whole chunks of a dense array, through `chunks`
     (the same bytes, faster) or else zarr; or the block's CSR group of a sparse store), then,
     and only then, its completion record."""
     t0 = time.perf_counter()
     # zarr's OSErrors name no file: name the array being written.
-    with naming_file(blocks_dir.parent / CI_FILE):
+    with naming_file(storage.url(blocks_dir.parent / CI_FILE)):
         if isinstance(c.vals, CSRBlock):
             if not isinstance(ci, SparseTarget):
                 raise TypeError("a sparse block needs a sparse ci.zarr")
@@ -316,10 +320,10 @@ def write_block(
             arr = inputs[name]
             # create_or_open_inputs created (or checked) one array per row field.
             assert isinstance(arr, zarr.Array)
-            with naming_file(blocks_dir.parent / INPUTS_FILE / name):
+            with naming_file(storage.url(blocks_dir.parent / INPUTS_FILE / name)):
                 arr[c.start : c.stop] = v
     record = block_record_path(blocks_dir, c.block)
-    with naming_file(record):
+    with naming_file(storage.url(record)):
         atomic_write_npz(record, {
             "block": np.asarray(c.block), "start": np.asarray(c.start),
             "stop": np.asarray(c.stop), **c.stats.to_arrays(),
@@ -331,7 +335,7 @@ def write_block(
 
 def run_block(
     b: int, model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict[str, Any]],
-    ci: zarr.Array | SparseTarget, inputs: zarr.Group | None, blocks_dir: Path,
+    ci: zarr.Array | SparseTarget, inputs: zarr.Group | None, blocks_dir: UPath,
     cfg: ProfilesConfig, device: str, chunks: ChunkWriter | None = None,
     out: np.ndarray | None = None,
 ) -> BlockResult:
@@ -343,7 +347,7 @@ def run_block(
 def _run_local(
     todo: list[int], model: CIModel, source: RowSource, layout: BlockLayout,
     modules: list[dict[str, Any]], ci: zarr.Array | SparseTarget, inputs: zarr.Group | None,
-    blocks_dir: Path, cfg: ProfilesConfig, device: str,
+    blocks_dir: UPath, cfg: ProfilesConfig, device: str,
 ) -> Iterator[BlockResult]:
     """Blocks in this process; block b is written (compressed) by a background thread while
     block b+1 is computed, so at most two blocks are in memory: two block buffers take turns
@@ -365,11 +369,11 @@ def _run_local(
             yield pending[0].result()
 
 
-def open_target(path: Path, cfg: ProfilesConfig) -> zarr.Array | SparseTarget:
+def open_target(path: UPath, cfg: ProfilesConfig) -> zarr.Array | SparseTarget:
     """The existing ci.zarr a harvest worker writes into."""
     if cfg.storage == "sparse":
         return SparseTarget(path, cfg.dtype, cfg.compression_level)
-    return zarr.open_array(str(path), mode="r+")
+    return open_ci_for_writing(path)
 
 
 def _block_buffer(layout: BlockLayout, cfg: ProfilesConfig, per_input: int) -> np.ndarray:
@@ -396,11 +400,12 @@ class _HarvestWorker:
         if isinstance(model, torch.nn.Module):
             model = model.to(device)
         self.model, self.source, self.layout, self.modules = model, source, layout, modules
-        self.out_dir, self.cfg, self.device = Path(out_dir), cfg, device
+        # A URL string (storage.url): the actor reopens the folder on its filesystem.
+        self.out_dir, self.cfg, self.device = storage.as_path(out_dir), cfg, device
         self.ci = open_target(self.out_dir / CI_FILE, cfg)
         fields = source.row_fields()
-        self.inputs = (zarr.open_group(str(self.out_dir / INPUTS_FILE), mode="r+")
-                       if fields else None)
+        self.inputs = (zarr.open_group(store=storage.zarr_store(self.out_dir / INPUTS_FILE),
+                                       mode="r+") if fields else None)
         self.chunks = ChunkWriter.for_array(self.ci)
         # One block at a time per actor: reused.
         self.buf = _block_buffer(layout, cfg, rows_per_input(source))
@@ -413,7 +418,7 @@ class _HarvestWorker:
 
 def _run_on_ray(
     todo: list[int], model: CIModel, source: RowSource, layout: BlockLayout, modules: list[dict],
-    out_dir: Path, cfg: ProfilesConfig, device: str, ray_cfg: RayConfig | None,
+    out_dir: UPath, cfg: ProfilesConfig, device: str, ray_cfg: RayConfig | None,
 ) -> Iterator[BlockResult]:
     """Yield BlockResults as Ray actors finish blocks (at most one block in flight per actor)."""
     import ray  # noqa: PLC0415
@@ -437,8 +442,8 @@ def _run_on_ray(
     remote_cls = ray.remote(_HarvestWorker)
     model_ref = ray.put(model.to("cpu") if isinstance(model, torch.nn.Module) else model)
     actors = [
-        remote_cls.options(**opts).remote(model_ref, source, layout, modules, str(out_dir), cfg,
-                                          device, threads)
+        remote_cls.options(**opts).remote(model_ref, source, layout, modules,
+                                          storage.url(out_dir), cfg, device, threads)
         for _ in range(n_actors)
     ]
     log.info("profiles: %d blocks on %d Ray actors (%s, %d torch threads each)",
@@ -499,7 +504,7 @@ _DRAIN_TIMEOUT_S = 300.0
 
 @dataclass
 class HarvestResult:
-    out_dir: Path
+    out_dir: UPath
     shape: tuple[int, int]
     n_blocks: int
     n_computed: int  # blocks computed in this call (the rest came from the completion record)
@@ -525,19 +530,22 @@ class HarvestResult:
 
 
 def _resolve_executor(executor: Executor, todo: list[int], layout: BlockLayout,
-                      cfg: ProfilesConfig, ray_cfg: RayConfig | None = None) -> str:
+                      cfg: ProfilesConfig, ray_cfg: RayConfig | None = None,
+                      out_dir: storage.PathLike | None = None) -> str:
     """The policy of scalespd/executor.py; the work is the CI values still to compute, and
-    max_concurrency 1 leaves one block at a time, nothing to share."""
+    max_concurrency 1 leaves one block at a time, nothing to share. `out_dir`: where the
+    output goes (a folder only this process sees keeps the work here)."""
     rows = sum(b - a for a, b in map(layout.block_range, todo))
     pieces = len(todo) if cfg.max_concurrency != 1 else 1
     return choose("profiles", executor, work=rows * layout.n_cols,
-                  minimum=AUTO_MIN_PROFILES_VALUES, pieces=pieces, ray_cfg=ray_cfg)
+                  minimum=AUTO_MIN_PROFILES_VALUES, pieces=pieces, ray_cfg=ray_cfg,
+                  data=out_dir)
 
 
 def harvest(
     model: CIModel,
     source: RowSource,
-    out_dir: str | Path,
+    out_dir: storage.PathLike,
     cfg: ProfilesConfig,
     *,
     ray_cfg: RayConfig | None = None,
@@ -546,12 +554,13 @@ def harvest(
 ) -> HarvestResult:
     """Write out_dir/ci.zarr (M, N), inputs.zarr, blocks/, components.csv, harvest.json.
 
-    model: anything with the `CIModel` attributes (an nn.Module is moved to the device and, for
-    Ray, shipped once per actor). source: the M input rows (see `sources`). Resumes from the
-    completion record; `on_block` is called in this process after each finished block (tests use
-    it to interrupt a harvest)."""
+    out_dir: a local path or an fsspec URL (string, Path or UPath). model: anything with the
+    `CIModel` attributes (an nn.Module is moved to the device and, for Ray, shipped once per
+    actor). source: the M input rows (see `sources`). Resumes from the completion record;
+    `on_block` is called in this process after each finished block (tests use it to interrupt
+    a harvest)."""
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = uncached(out_dir)
     modules = module_table(model)
     n_cols = sum(m["C"] for m in modules)
     layout = BlockLayout.make(source.n_rows, n_cols, cfg.chunk_rows, cfg.chunk_cols,
@@ -577,31 +586,35 @@ def harvest(
     check_inputs(out_dir / INPUTS_FILE, layout, fields, attrs["input_set"])
     done = finished_blocks(blocks_dir, layout)
     if done and not (out_dir / CI_FILE).exists():
-        raise ProfilesError(f"{blocks_dir} lists finished blocks but {out_dir / CI_FILE} is "
-                            f"missing; delete {blocks_dir} to start over")
+        raise ProfilesError(f"{storage.url(blocks_dir)} lists finished blocks but "
+                            f"{storage.url(out_dir / CI_FILE)} is missing; delete "
+                            f"{storage.url(blocks_dir)} to start over")
     # Records written with another tau would merge wrong frac_active values.
     for b in sorted(done):
-        with np.load(block_record_path(blocks_dir, b)) as rec:
-            if float(rec["tau"]) != cfg.tau:
-                raise ProfilesError(
-                    f"{block_record_path(blocks_dir, b)} was computed with tau={float(rec['tau'])}"
-                    f", this harvest uses tau={cfg.tau}; use the same tau or start over"
-                )
-    with naming_file(out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
+        rec_tau = float(load_npz(block_record_path(blocks_dir, b))["tau"])
+        if rec_tau != cfg.tau:
+            raise ProfilesError(
+                f"{storage.url(block_record_path(blocks_dir, b))} was computed with "
+                f"tau={rec_tau}, this harvest uses tau={cfg.tau}; use the same tau or start over"
+            )
+    with naming_file(storage.url(out_dir)):
+        storage.makedirs(out_dir)
     _remove_temporaries(out_dir)
-    with naming_file(out_dir / CI_FILE):
+    with naming_file(storage.url(out_dir / CI_FILE)):
         ci = create_or_open(out_dir / CI_FILE, layout, cfg.dtype, attrs, cfg.compression_level,
                             cfg.storage)
-    with naming_file(out_dir / INPUTS_FILE):
+    with naming_file(storage.url(out_dir / INPUTS_FILE)):
         inputs = create_or_open_inputs(out_dir / INPUTS_FILE, layout, fields,
                                        attrs["input_set"])
-    with naming_file(blocks_dir):
-        blocks_dir.mkdir(exist_ok=True)
+    with naming_file(storage.url(blocks_dir)):
+        storage.makedirs(blocks_dir)
 
     todo = [b for b in range(layout.n_blocks) if b not in done]
     setting = cfg.executor or (ray_cfg.executor if ray_cfg else "auto")
-    executor = _resolve_executor(setting, todo, layout, cfg, ray_cfg) if todo else "none"
+    # Ray actors are other processes: a folder only this process sees (memory://) keeps the
+    # harvest here (executor.choose decides so from `data`).
+    executor = (_resolve_executor(setting, todo, layout, cfg, ray_cfg, out_dir) if todo
+                else "none")
     log.info("profiles: (%d, %d) %s, %d blocks of %d rows, %d done, %d to do (%s)",
              layout.n_rows, n_cols, cfg.dtype, layout.n_blocks, layout.block_rows, len(done),
              len(todo), executor)
@@ -631,25 +644,20 @@ def harvest(
     res = HarvestResult(out_dir, (layout.n_rows, n_cols), layout.n_blocks, len(results),
                         int(table["alive"].sum()), time.perf_counter() - t0, executor, device,
                         stats, results)
-    _write_replacing(out_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(
-        json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2)))
+    _write_replacing(out_dir / SUMMARY_FILE,
+                     json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2))
     return res
 
 
-def _write_replacing(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write` a temporary file, then rename it to `path`; on failure (a full disk) remove the
-    temporary file and raise the OSError naming `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with naming_file(path):
-            write(tmp)
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_replacing(path: UPath, text: str) -> None:
+    """Store `text` at `path`, all or nothing (`storage.write_text_atomic`: a temporary file and
+    a rename locally, removed on failure (a full disk); one object on an object store); an
+    OSError names `path`."""
+    with naming_file(storage.url(path)):
+        storage.write_text_atomic(path, text)
 
 
-def _remove_temporaries(out_dir: Path) -> None:
+def _remove_temporaries(out_dir: UPath) -> None:
     """Temporary files and stores of a harvest that was killed while writing them: partial by
     construction and never read, so they only take space (the real outputs are untouched)."""
     names = [(out_dir, CI_FILE), (out_dir, INPUTS_FILE), (out_dir, SUMMARY_FILE),
@@ -657,33 +665,30 @@ def _remove_temporaries(out_dir: Path) -> None:
     for folder, target in names:
         for p in folder.glob(f".{target}.*"):
             if is_temporary_of(p.name, target) or p.name == f".{target}.tmp":
-                log.info("profiles: removing %s, left by an interrupted harvest", p)
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+                log.info("profiles: removing %s, left by an interrupted harvest", storage.url(p))
+                storage.remove(p)
     blocks = out_dir / BLOCKS_DIR
     for p in blocks.glob(".block_*.npz.*.tmp") if blocks.is_dir() else []:
         p.unlink()
     if is_sparse_store(out_dir / CI_FILE):
         for p in remove_csr_temporaries(out_dir / CI_FILE):
-            log.info("profiles: removed %s, left by an interrupted harvest", p)
+            log.info("profiles: removed %s, left by an interrupted harvest", storage.url(p))
 
 
-def load_merged_stats(blocks_dir: Path, layout: BlockLayout, tau: float) -> ColumnStats:
+def load_merged_stats(blocks_dir: storage.PathLike, layout: BlockLayout,
+                      tau: float) -> ColumnStats:
     """Merge every block's record, in block order; all blocks must be finished."""
+    blocks_dir = uncached(blocks_dir)  # records may come from other processes (Ray actors)
     missing = [b for b in range(layout.n_blocks) if not block_record_path(blocks_dir, b).exists()]
     if missing:
-        raise ProfilesError(f"{blocks_dir}: blocks {missing[:10]} are not finished")
-    parts = []
-    for b in range(layout.n_blocks):
-        with np.load(block_record_path(blocks_dir, b)) as rec:
-            parts.append(ColumnStats.from_arrays(dict(rec)))
+        raise ProfilesError(f"{storage.url(blocks_dir)}: blocks {missing[:10]} are not finished")
+    parts = [ColumnStats.from_arrays(load_npz(block_record_path(blocks_dir, b)))
+             for b in range(layout.n_blocks)]
     return merge_all(parts, layout.n_cols, tau)
 
 
 def write_components(
-    path: Path, modules: list[dict[str, Any]], stats: ColumnStats, tau: float
+    path: storage.PathLike, modules: list[dict[str, Any]], stats: ColumnStats, tau: float
 ) -> pd.DataFrame:
     """The per-component table (DESIGN §4), alive = max > tau."""
     df = column_frame(modules)
@@ -693,5 +698,5 @@ def write_components(
     df["frac_active"] = stats.frac_active
     df["alive"] = stats.max > tau
     df = df[COMPONENT_COLUMNS]
-    _write_replacing(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.17g"))
+    _write_replacing(storage.as_path(path), df.to_csv(index=False, float_format="%.17g"))
     return df

@@ -7,18 +7,21 @@ evaluate and report stages and `scalespd.cluster` rely on (DESIGN §4 "Profiles"
     blocks/         the completion record of finished row blocks
     components.csv  one row per column: component, name, layer, module, module_type, stats, alive
     harvest.json    written last: the harvest is finished
+
+The profiles folder may be a local path or an fsspec URL, given as a string, a Path or a UPath
+(`scalespd.storage.as_path`); errors name files by `storage.url`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from scalespd.profiles.sparse_store import SparseProfiles, is_sparse_store
+from scalespd import storage
+from scalespd.profiles.sparse_store import SparseProfiles, is_sparse_store, uncached
 from scalespd.profiles.store import ATTR_KEY, ProfilesError
 
 CI_FILE = "ci.zarr"
@@ -33,18 +36,20 @@ COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "max
 REQUIRED_COMPONENT_COLUMNS = ["component", "name", "layer", "module", "module_type", "alive"]
 
 
-def open_profiles(profiles_dir: str | Path,
+def open_profiles(profiles_dir: storage.PathLike,
                   allow_incomplete: bool = False) -> zarr.Array | SparseProfiles:
     """The (M, N) CI matrix of a finished harvest (read-only): a zarr array (dense layout) or a
     `SparseProfiles` (the sparse layout; `csr_rows` gives row blocks as scipy CSR, and it
     offers the dense array's reads too)."""
-    profiles_dir = Path(profiles_dir)
+    profiles_dir = uncached(profiles_dir)
     path = profiles_dir / CI_FILE
     if not path.exists():
-        raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
+        raise ProfilesError(f"{storage.url(path)} does not exist (run the profiles stage "
+                            "first)")
     if not allow_incomplete and not (profiles_dir / SUMMARY_FILE).exists():
-        raise ProfilesError(f"{profiles_dir} holds an unfinished harvest ({SUMMARY_FILE} is "
-                            f"missing); re-run the profiles stage to complete it")
+        raise ProfilesError(f"{storage.url(profiles_dir)} holds an unfinished harvest "
+                            f"({SUMMARY_FILE} is missing); re-run the profiles stage to "
+                            "complete it")
     arr: zarr.Array | SparseProfiles
     if is_sparse_store(path):
         try:
@@ -52,16 +57,19 @@ def open_profiles(profiles_dir: str | Path,
         except ValueError as err:
             raise ProfilesError(str(err)) from None
         return arr
-    arr = zarr.open_array(str(path), mode="r")
+    arr = zarr.open_array(store=storage.zarr_store(path, read_only=True), mode="r")
     if ATTR_KEY not in arr.attrs:
-        raise ProfilesError(f"{path} is not a scalespd profiles array (no {ATTR_KEY} attribute)")
+        raise ProfilesError(f"{storage.url(path)} is not a scalespd profiles array (no "
+                            f"{ATTR_KEY} attribute)")
     return arr
 
 
-def open_ci(path: str | Path) -> zarr.Array | SparseProfiles:
+def open_ci(path: storage.PathLike) -> zarr.Array | SparseProfiles:
     """The ci.zarr at `path` as stored (dense array or sparse store), read-only, without the
     completeness checks of `open_profiles`."""
-    return SparseProfiles(path) if is_sparse_store(path) else zarr.open_array(str(path), mode="r")
+    if is_sparse_store(path):
+        return SparseProfiles(path)
+    return zarr.open_array(store=storage.zarr_store(path, read_only=True), mode="r")
 
 
 def as_bool(col: pd.Series) -> np.ndarray:
@@ -71,14 +79,16 @@ def as_bool(col: pd.Series) -> np.ndarray:
     return col.astype(str).str.lower().isin(["true", "1"]).to_numpy()
 
 
-def read_components(profiles_dir: str | Path) -> pd.DataFrame:
+def read_components(profiles_dir: storage.PathLike) -> pd.DataFrame:
     """The per-component table (one row per column of ci.zarr), indexed by the global column id
     `component` (kept as a column too), in column order. Every id 0..N-1 appears once."""
-    path = Path(profiles_dir) / COMPONENTS_FILE
-    if not path.is_file():
+    p = uncached(storage.as_path(profiles_dir) / COMPONENTS_FILE)
+    path = storage.url(p)  # for messages
+    if not p.is_file():
         raise ProfilesError(f"{path} does not exist (run the profiles stage first)")
     try:
-        df = pd.read_csv(path)
+        with p.open("rb") as f:
+            df = pd.read_csv(f)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ProfilesError(f"{path} is not a readable CSV ({err}); re-run the profiles "
                             "stage") from None

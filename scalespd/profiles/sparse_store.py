@@ -7,9 +7,10 @@
         indices  (nnz,) int32                 global column ids, ascending within a row
         values   (nnz,) float16/32            the CI values, all >= zero_below (> 0)
 
-A block's group is built under a temporary name and renamed into place, and only then is the
-block's completion record written (profiles/blocks/): a block without a record is rewritten whole
-by a re-run, a block with one is never touched. Values are those of the dense layout with
+On a local disk a block's group is built under a temporary name and renamed into place; an
+object store (no rename) gets it written in place. Only then is the block's completion record
+written (profiles/blocks/): a block without a record is rewritten whole by a re-run, a block with
+one is never touched. Values are those of the dense layout with
 everything below `zero_below` set to 0, so both layouts hold the same matrix.
 
 `SparseProfiles` reads it back: `csr_rows(r0, r1)` gives any row range as a scipy CSR matrix
@@ -20,18 +21,20 @@ unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import zarr
+from upath import UPath
 from zarr.codecs import ZstdCodec
+
+from scalespd import storage
 
 ROWS_GROUP = "rows"
 STORAGE = "csr"
@@ -100,50 +103,70 @@ class CSRBlock:
 # --------------------------------------------------------------------------------------------
 
 
-def create_group(path: Path, attributes: dict[str, Any]) -> None:
-    """A new, empty sparse ci.zarr at `path` (which must not exist yet: the caller checks and
-    builds it under a temporary name)."""
-    root = zarr.create_group(str(path), zarr_format=3, attributes=attributes)
+def create_group(store: Any, attributes: dict[str, Any]) -> None:
+    """A new, empty sparse ci.zarr in the zarr store `store` (`storage.zarr_store` of a folder
+    that must not hold one yet: the caller checks, and builds it under a temporary name where
+    it can)."""
+    root = zarr.create_group(store=store, zarr_format=3, attributes=attributes)
     root.create_group(ROWS_GROUP)
 
 
-def write_block(path: Path, b: int, start: int, block: CSRBlock, dtype: np.dtype,
+def _write_block_group(where: UPath, start: int, block: CSRBlock, dtype: np.dtype,
+                       level: int) -> None:
+    group = zarr.create_group(store=storage.zarr_store(where), zarr_format=3, attributes={
+        "start": int(start), "stop": int(start + block.n_rows), "nnz": block.nnz})
+    arrays: list[tuple[str, np.ndarray, np.dtype]] = [
+        ("indptr", block.indptr, np.dtype(np.int64)),
+        ("indices", block.indices, np.dtype(np.int32)),
+        ("values", block.values, np.dtype(dtype))]
+    for name, data, dt in arrays:
+        arr = group.create_array(
+            name, shape=data.shape, dtype=dt, fill_value=0,
+            chunks=(max(1, min(ENTRY_CHUNK, data.shape[0])),),
+            compressors=ZstdCodec(level=level))
+        if data.size:
+            arr[:] = np.asarray(data, dtype=dt)
+
+
+def write_block(path: storage.PathLike, b: int, start: int, block: CSRBlock, dtype: np.dtype,
                 level: int) -> None:
     """Write block b (rows [start, start + block.n_rows)) into the sparse ci.zarr at `path`,
-    replacing an unfinished earlier attempt of the same block; the block's group appears in one
-    rename, so a reader (or a re-run) never sees it half-written."""
-    rows_dir = path / ROWS_GROUP
+    replacing an unfinished earlier attempt of the same block. On a local disk the block's group
+    appears in one rename, so a reader (or a re-run) never sees it half-written; on an object
+    store it is written in place (any earlier attempt removed first), and the completion record
+    the caller writes afterwards is what marks it done."""
+    rows_dir = storage.as_path(path) / ROWS_GROUP
     final = rows_dir / block_name(b)
+    if not storage.has_rename(final):
+        # An earlier attempt without a completion record: never read, removed whole (a longer
+        # one would leave chunks beyond the new arrays' ends).
+        storage.rmtree(uncached(final))
+        try:
+            _write_block_group(final, start, block, dtype, level)
+        except BaseException:
+            # Best effort: a re-run rewrites the block anyway (it has no record).
+            with contextlib.suppress(Exception):
+                storage.rmtree(final)
+            raise
+        return
     tmp = rows_dir / f".{block_name(b)}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.rmtree(tmp)
     try:
-        group = zarr.create_group(str(tmp), zarr_format=3, attributes={
-            "start": int(start), "stop": int(start + block.n_rows), "nnz": block.nnz})
-        arrays: list[tuple[str, np.ndarray, np.dtype]] = [
-            ("indptr", block.indptr, np.dtype(np.int64)),
-            ("indices", block.indices, np.dtype(np.int32)),
-            ("values", block.values, np.dtype(dtype))]
-        for name, data, dt in arrays:
-            arr = group.create_array(
-                name, shape=data.shape, dtype=dt, fill_value=0,
-                chunks=(max(1, min(ENTRY_CHUNK, data.shape[0])),),
-                compressors=ZstdCodec(level=level))
-            if data.size:
-                arr[:] = np.asarray(data, dtype=dt)
+        _write_block_group(tmp, start, block, dtype, level)
         if final.exists():  # an earlier attempt without a completion record: never read
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+            storage.rmtree(final, missing_ok=False)
+        storage.rename_dir(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
         raise
 
 
-def remove_temporaries(path: Path) -> list[Path]:
+def remove_temporaries(path: storage.PathLike) -> list[UPath]:
     """Remove block groups a killed harvest left half-built; returns what was removed."""
-    rows_dir = path / ROWS_GROUP
+    rows_dir = storage.as_path(path) / ROWS_GROUP
     gone = [p for p in rows_dir.glob(".*.tmp")] if rows_dir.is_dir() else []
     for p in gone:
-        shutil.rmtree(p, ignore_errors=True)
+        storage.rmtree(p)
     return gone
 
 
@@ -160,16 +183,17 @@ class SparseProfiles:
     `get_orthogonal_selection((rows, cols))` with a step-1 row slice (dense results). There is no
     `__array__`: nothing densifies the whole matrix by accident."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        group = zarr.open_group(str(self.path), mode="r")
+    def __init__(self, path: storage.PathLike) -> None:
+        self.path = storage.as_path(path)
+        group = zarr.open_group(store=storage.zarr_store(self.path, read_only=True), mode="r")
         self.attrs = dict(group.attrs)
         from scalespd.profiles.store import ATTR_KEY  # noqa: PLC0415  (store imports this)
 
         meta = self.attrs.get(ATTR_KEY)
         if not isinstance(meta, dict) or meta.get("storage") != STORAGE:
-            raise ValueError(f"{self.path} is a zarr group but not a sparse scalespd profiles "
-                             f"store (attribute {ATTR_KEY}.storage is not {STORAGE!r})")
+            raise ValueError(f"{storage.url(self.path)} is a zarr group but not a sparse "
+                             f"scalespd profiles store (attribute {ATTR_KEY}.storage is not "
+                             f"{STORAGE!r})")
         self.shape = (int(meta["shape"][0]), int(meta["shape"][1]))
         self.dtype = np.dtype(meta["dtype"])
         self.block_rows = int(meta["block_rows"])
@@ -190,16 +214,17 @@ class SparseProfiles:
     def _block(self, b: int) -> tuple[np.ndarray, zarr.Array, zarr.Array]:
         if b not in self._blocks:
             where = self.path / ROWS_GROUP / block_name(b)
-            if not (where / "zarr.json").is_file():
-                raise FileNotFoundError(f"{where}: row block {b} of {self.path} was never "
-                                        "written (an unfinished harvest)")
-            g = zarr.open_group(str(where), mode="r")
+            if not uncached(where / "zarr.json").is_file():
+                raise FileNotFoundError(f"{storage.url(where)}: row block {b} of "
+                                        f"{storage.url(self.path)} was never written (an "
+                                        "unfinished harvest)")
+            g = zarr.open_group(store=storage.zarr_store(where, read_only=True), mode="r")
             idx, val, ptr = g["indices"], g["values"], g["indptr"]
             assert all(isinstance(a, zarr.Array) for a in (idx, val, ptr))
             indptr = np.asarray(ptr[:], dtype=np.int64)  # type: ignore[index]
             start, stop = b * self.block_rows, min((b + 1) * self.block_rows, self.shape[0])
             if indptr.shape[0] != stop - start + 1:
-                raise ValueError(f"{where}/indptr has {indptr.shape[0]} entries; rows "
+                raise ValueError(f"{storage.url(where)}/indptr has {indptr.shape[0]} entries; rows "
                                  f"[{start}, {stop}) need {stop - start + 1}")
             self._blocks[b] = (indptr, idx, val)  # type: ignore[assignment]
         return self._blocks[b]
@@ -252,9 +277,19 @@ class SparseProfiles:
         return self[rows, np.asarray(cols)]
 
 
-def is_sparse_store(path: str | Path) -> bool:
+def uncached(path: storage.PathLike) -> UPath:
+    """`path`, with its filesystem's cached listings of it and its parents dropped (s3fs keeps
+    them): objects that zarr (through its own filesystem instance) or another process (a Ray
+    worker) wrote since are then seen by `exists`, `is_file` and `glob`. Local: `path` as is."""
+    p = storage.as_path(path)
+    if not storage.is_local(p):
+        p.fs.invalidate_cache(p.path)
+    return p
+
+
+def is_sparse_store(path: storage.PathLike) -> bool:
     """Whether `path` holds a zarr group (the sparse layout) rather than an array."""
-    meta = Path(path) / "zarr.json"
+    meta = uncached(storage.as_path(path) / "zarr.json")
     if not meta.is_file():
         return False
     try:

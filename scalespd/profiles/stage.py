@@ -1,5 +1,6 @@
 """The profiles stage: load the SPD model from run_dir, harvest its CI over the configured inputs
-into run_dir/profiles/ (ci.zarr, inputs.zarr, blocks/, components.csv, harvest.json).
+into run_dir/profiles/ (ci.zarr, inputs.zarr, blocks/, components.csv, harvest.json). run_dir
+may be a local path or an fsspec URL (`scalespd.storage`).
 
 Re-running after an interruption resumes from the completion record in profiles/blocks/.
 """
@@ -7,9 +8,11 @@ Re-running after an interruption resumes from the completion record in profiles/
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
+from upath import UPath
+
+from scalespd import storage
 from scalespd.config import RunConfig
 from scalespd.errors import ConfigError
 from scalespd.profiles.harvest import CIModel, harvest
@@ -19,7 +22,7 @@ from scalespd.profiles.store import ProfilesError
 log = logging.getLogger(__name__)
 
 
-def check_model_matches_config(model: CIModel, cfg: RunConfig, where: Path) -> None:
+def check_model_matches_config(model: CIModel, cfg: RunConfig, where: storage.PathLike) -> None:
     """The loaded decomposition must decompose exactly the modules (and C) the config asks for."""
     from scalespd.targets import module_paths  # noqa: PLC0415
     from scalespd.train.components import match_modules  # noqa: PLC0415
@@ -33,13 +36,14 @@ def check_model_matches_config(model: CIModel, cfg: RunConfig, where: Path) -> N
         if not diffs:
             diffs = [f"module order: checkpoint {list(got)}, config {list(expected)}"]
         raise ProfilesError(
-            f"the decomposition in {where} does not match the config's decompose.modules:\n  "
+            f"the decomposition in {storage.url(where)} does not match the config's "
+            "decompose.modules:\n  "
             + "\n  ".join(diffs)
             + "\n(re-run the decompose stage with --force decompose, or fix the config)"
         )
 
 
-def lm_source(cfg: RunConfig, run_dir: Path) -> LMRowSource:
+def lm_source(cfg: RunConfig, run_dir: UPath) -> LMRowSource:
     """The first profiles.n_samples // seq_len held-out sequences of the language-model target
     (all of them if there are fewer), one row per token position."""
     from scalespd.train.lm import load_sequences  # noqa: PLC0415  (tokenizer, datasets)
@@ -61,10 +65,10 @@ def lm_source(cfg: RunConfig, run_dir: Path) -> LMRowSource:
                        {"split": "heldout", "n_sequences": n_seq})
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: storage.PathLike) -> dict[str, Any]:
     from scalespd.train import load_decomposition  # noqa: PLC0415  (heavy; only when run)
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     model = load_decomposition(run_dir)
     check_model_matches_config(model, cfg, run_dir / "decompose")
     source = (lm_source(cfg, run_dir) if cfg.target.kind == "hf_causal_lm"

@@ -9,11 +9,11 @@ merged in block order, so a resumed harvest gives the same float64 numbers as an
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from scalespd import storage
 
 
 @dataclass(frozen=True)
@@ -152,17 +152,17 @@ def merge_all(parts: list[ColumnStats], n_cols: int, tau: float) -> ColumnStats:
     return total
 
 
-def atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that `path` either does not exist or is complete (tmp file + rename)."""
+def atomic_write_npz(path: storage.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz so that `path` either does not exist or is complete (a local temporary file
+    + rename, or one object on an object store: `storage.write_bytes_atomic`)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy stubs: allow_pickle
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave the half-written file behind
-        raise
+    storage.write_bytes_atomic(path, buf.getvalue())
+
+
+def load_npz(path: storage.PathLike) -> dict[str, np.ndarray]:
+    """Every array of the .npz at `path` (a local path or a URL), read whole."""
+    p = storage.as_path(path)
+    data = p.read_bytes()
+    with np.load(io.BytesIO(data)) as rec:
+        return {k: rec[k] for k in rec.files}

@@ -13,10 +13,12 @@ Rows are split into blocks of `block_rows` rows, a whole number of row-chunks, a
 writes all N columns of its rows: each chunk of ci.zarr (and of inputs.zarr) belongs to exactly
 one block, so concurrent writers never share a chunk.
 
-Nothing here overwrites or deletes existing data: an existing array that does not match what
-this harvest would write is an error naming the file and every difference. A new array (or
+The profiles folder may be a local path or an fsspec URL (`scalespd.storage`). Nothing here
+overwrites or deletes existing data: an existing array that does not match what this harvest
+would write is an error naming the file and every difference. On a local disk a new array (or
 group) appears in one rename, so a write that fails half way (a full disk) never leaves metadata
-a re-run could not read.
+a re-run could not read; on an object store each metadata document is one object, written
+whole or not at all.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -35,14 +36,17 @@ from typing import Any
 import numpy as np
 import zarr
 from numcodecs import Zstd
+from upath import UPath
 from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
 from zarr.storage import LocalStore
 
+from scalespd import storage
 from scalespd.errors import StageInputError
-from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store
+from scalespd.profiles.sparse_store import ROWS_GROUP, CSRBlock, is_sparse_store, uncached
 from scalespd.profiles.sparse_store import create_group as create_csr_group
 from scalespd.profiles.sparse_store import write_block as write_csr_block
+from scalespd.profiles.stats import load_npz
 
 FORMAT_VERSION = 1
 ATTR_KEY = "scalespd_profiles"
@@ -135,7 +139,7 @@ def _describe_existing(arr: zarr.Array) -> dict[str, Any]:
     }
 
 
-def _differences(path: Path, have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+def _differences(path: UPath, have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     diffs = []
     for key, w in want.items():
         h = have.get(key)
@@ -154,14 +158,14 @@ def _short(x: Any, limit: int = 200) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
-def _open_existing(path: Path) -> zarr.Array:
+def _open_existing(path: UPath) -> zarr.Array:
     try:
-        node = zarr.open(str(path), mode="r")
+        node = zarr.open(store=storage.zarr_store(path, read_only=True), mode="r")
     except Exception as err:  # not a zarr store at all, unreadable metadata, ...
-        raise ProfilesError(f"{path} exists but is not a readable zarr array ({err}); "
-                            f"move it away or choose another run directory") from None
+        raise ProfilesError(f"{storage.url(path)} exists but is not a readable zarr array "
+                            f"({err}); move it away or choose another run directory") from None
     if not isinstance(node, zarr.Array):
-        raise ProfilesError(f"{path} exists but is a zarr group, not an array")
+        raise ProfilesError(f"{storage.url(path)} exists but is a zarr group, not an array")
     return node
 
 
@@ -174,43 +178,46 @@ def _ci_want(layout: BlockLayout, dtype: str, attributes: dict[str, Any]) -> dic
     }
 
 
-def check_ci(path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any],
-             storage: str = "dense") -> None:
+def check_ci(path: storage.PathLike, layout: BlockLayout, dtype: str,
+             attributes: dict[str, Any], storage: str = "dense") -> None:
     """If `path` exists it must be the store this harvest would create (dense: the array's
     shape, dtype, chunks, attributes; sparse: the group's attributes); otherwise a
     ProfilesError names the file and every difference."""
+    path = uncached(path)
     if not path.exists():
         return
     if storage == "sparse":
         _check_sparse(path, attributes)
         return
     if is_sparse_store(path):
-        raise ProfilesError(f"{path} holds sparse profiles (profiles.storage: sparse) and this "
-                            "harvest writes dense ones; refusing to overwrite it (set "
+        raise ProfilesError(f"{_url(path)} holds sparse profiles (profiles.storage: sparse) "
+                            "and this harvest writes dense ones; refusing to overwrite it (set "
                             "profiles.storage: sparse to resume it, or use another run directory)")
     arr = _open_existing(path)
     diffs = _differences(path, _describe_existing(arr), _ci_want(layout, dtype, attributes))
     if diffs:
         raise ProfilesError(
-            f"{path} already holds a different profiles array; refusing to overwrite it "
+            f"{_url(path)} already holds a different profiles array; refusing to overwrite it "
             f"(delete it or use another run directory to start over):\n  " + "\n  ".join(diffs)
         )
 
 
-def _check_sparse(path: Path, attributes: dict[str, Any]) -> None:
+def _check_sparse(path: UPath, attributes: dict[str, Any]) -> None:
     if not is_sparse_store(path):
-        raise ProfilesError(f"{path} exists but is not a sparse profiles store (a dense array, "
-                            "or not zarr at all); refusing to overwrite it (set profiles.storage: "
-                            "dense to resume a dense harvest, or use another run directory)")
+        raise ProfilesError(f"{_url(path)} exists but is not a sparse profiles store (a dense "
+                            "array, or not zarr at all); refusing to overwrite it (set "
+                            "profiles.storage: dense to resume a dense harvest, or use another "
+                            "run directory)")
     try:
-        have = zarr.open_group(str(path), mode="r").attrs.get(ATTR_KEY)
+        have = zarr.open_group(store=storage.zarr_store(path, read_only=True),
+                               mode="r").attrs.get(ATTR_KEY)
     except Exception as err:  # unreadable metadata
-        raise ProfilesError(f"{path} exists but is not a readable zarr group ({err}); move it "
-                            "away or choose another run directory") from None
+        raise ProfilesError(f"{_url(path)} exists but is not a readable zarr group ({err}); "
+                            "move it away or choose another run directory") from None
     diffs = _differences(path, {"attributes": have}, {"attributes": _jsonable(attributes)})
     if diffs:
         raise ProfilesError(
-            f"{path} already holds different sparse profiles; refusing to overwrite them "
+            f"{_url(path)} already holds different sparse profiles; refusing to overwrite them "
             f"(delete them or use another run directory to start over):\n  " + "\n  ".join(diffs)
         )
 
@@ -219,7 +226,7 @@ def _check_sparse(path: Path, attributes: dict[str, Any]) -> None:
 class SparseTarget:
     """The sparse ci.zarr a harvest writes block groups into (see `sparse_store`)."""
 
-    path: Path
+    path: UPath
     dtype: str
     level: int
 
@@ -227,7 +234,7 @@ class SparseTarget:
         write_csr_block(self.path, b, start, block, np.dtype(self.dtype), self.level)
 
 
-def temporary_name(path: Path) -> Path:
+def temporary_name(path: UPath) -> UPath:
     """Where `path` is built before it is renamed into place (this process's own name)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -238,38 +245,51 @@ def is_temporary_of(name: str, target: str) -> bool:
     return name.startswith(f".{target}.") and name.endswith(".tmp") and pid.isdigit()
 
 
-def _create_atomically(path: Path, create: Callable[[str], None]) -> None:
-    """Build a new zarr store under a temporary name next to `path`, then rename it into place:
-    `path` is complete or absent. Without this a full disk left a cut zarr.json that every
-    re-run refused as "not a readable zarr array"."""
+def _create_atomically(path: UPath, create: Callable[[Any], None]) -> None:
+    """Build a new zarr store (`create` gets its zarr store) under a temporary name next to
+    `path`, then rename it into place: `path` is complete or absent. Without this a full disk
+    left a cut zarr.json that every re-run refused as "not a readable zarr array".
+
+    Without renames (an object store) the store is created in place: each metadata document is
+    one object, whole or absent, and what a cut creation may lack (the sparse store's rows
+    group, inputs.zarr's arrays) is added when it is re-opened."""
+    if not storage.has_rename(path):
+        create(storage.zarr_store(path))
+        return
     tmp = temporary_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.rmtree(tmp)
     try:
-        create(str(tmp))
-        os.rename(tmp, path)
+        create(storage.zarr_store(tmp))
+        storage.rename_dir(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
         raise
 
 
+def _url(path: storage.PathLike) -> str:
+    return storage.url(path)
+
+
 def create_or_open(
-    path: Path, layout: BlockLayout, dtype: str, attributes: dict[str, Any], level: int,
-    storage: str = "dense",
+    path: storage.PathLike, layout: BlockLayout, dtype: str, attributes: dict[str, Any],
+    level: int, storage: str = "dense",
 ) -> zarr.Array | SparseTarget:
     """Create the (M, N) array (dense) or the block group store (sparse), or re-open an existing
     one after `check_ci`. Never overwrites."""
+    path = uncached(path)
     if storage == "sparse":
         if path.exists():
             check_ci(path, layout, dtype, attributes, storage)
+            _ensure_rows_group(path)
         else:
             _create_atomically(path, lambda store: create_csr_group(
-                Path(store), {ATTR_KEY: _jsonable(attributes)}))
+                store, {ATTR_KEY: _jsonable(attributes)}))
         return SparseTarget(path, dtype, level)
     if path.exists():
         check_ci(path, layout, dtype, attributes)
-        return zarr.open_array(str(path), mode="r+")
+        return open_ci_for_writing(path)
 
-    def create(store: str) -> None:
+    def create(store: Any) -> None:
         zarr.create_array(
             store=store,
             shape=(layout.n_rows, layout.n_cols),
@@ -283,7 +303,19 @@ def create_or_open(
         )
 
     _create_atomically(path, create)
-    return zarr.open_array(str(path), mode="r+")
+    return open_ci_for_writing(path)
+
+
+def open_ci_for_writing(path: storage.PathLike) -> zarr.Array:
+    """The existing dense ci.zarr at `path`, opened for writing."""
+    return zarr.open_array(store=storage.zarr_store(path), mode="r+")
+
+
+def _ensure_rows_group(path: UPath) -> None:
+    """The rows group of a sparse store whose creation in place (no rename: an object store)
+    was cut short after its root document."""
+    if not storage.has_rename(path) and not uncached(path / ROWS_GROUP / "zarr.json").exists():
+        zarr.open_group(store=storage.zarr_store(path), mode="r+").create_group(ROWS_GROUP)
 
 
 def _inputs_want(
@@ -293,45 +325,48 @@ def _inputs_want(
 
 
 def check_inputs(
-    path: Path, layout: BlockLayout, fields: dict[str, tuple[str, tuple[int, ...]]],
+    path: storage.PathLike, layout: BlockLayout, fields: dict[str, tuple[str, tuple[int, ...]]],
     describe: dict[str, Any],
 ) -> None:
     """If inputs.zarr exists, it must describe the same input set and its field arrays must have
     the shape/dtype/chunks this harvest writes."""
+    path = uncached(path)
     if not path.exists():
         return
+    where = storage.url(path)
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(store=storage.zarr_store(path, read_only=True), mode="r")
     except Exception as err:
-        raise ProfilesError(f"{path} exists but is not a readable zarr group ({err})") from None
+        raise ProfilesError(f"{where} exists but is not a readable zarr group ({err})") from None
     want_attr = _jsonable({"input_set": describe})
     if _jsonable(group.attrs.get(ATTR_KEY)) != want_attr:
         raise ProfilesError(
-            f"{path} describes another input set; refusing to overwrite it: existing "
+            f"{where} describes another input set; refusing to overwrite it: existing "
             f"{_short(group.attrs.get(ATTR_KEY))}, this harvest {_short(want_attr)}"
         )
     for name, (dtype, shape) in fields.items():
         if name in group:
             a = group[name]
             if not isinstance(a, zarr.Array):
-                raise ProfilesError(f"{path}/{name} is a zarr group, not an array; refusing to "
+                raise ProfilesError(f"{where}/{name} is a zarr group, not an array; refusing to "
                                     "overwrite it")
             have = (tuple(a.shape), str(a.dtype), tuple(a.chunks))
             if have != _inputs_want(layout, dtype, shape):
                 raise ProfilesError(
-                    f"{path}/{name} has (shape, dtype, chunks) {have}, this harvest needs "
+                    f"{where}/{name} has (shape, dtype, chunks) {have}, this harvest needs "
                     f"{_inputs_want(layout, dtype, shape)}; refusing to overwrite it"
                 )
 
 
 def create_or_open_inputs(
-    path: Path, layout: BlockLayout, fields: dict[str, tuple[str, tuple[int, ...]]],
+    path: storage.PathLike, layout: BlockLayout, fields: dict[str, tuple[str, tuple[int, ...]]],
     describe: dict[str, Any],
 ) -> zarr.Group | None:
     """inputs.zarr: one (M, *shape) array per row field, row-chunked like ci.zarr so that block b
     owns the same rows there. None when the source has no row fields."""
     if not fields:
         return None
+    path = uncached(path)
     check_inputs(path, layout, fields, describe)
 
     def add_arrays(group: zarr.Group) -> None:
@@ -344,8 +379,10 @@ def create_or_open_inputs(
     if not path.exists():
         _create_atomically(path, lambda store: add_arrays(zarr.create_group(
             store, zarr_format=3, attributes={ATTR_KEY: _jsonable({"input_set": describe})})))
-    group = zarr.open_group(str(path), mode="r+")
-    add_arrays(group)  # a group written before its arrays were (by an older scalespd)
+    group = zarr.open_group(store=storage.zarr_store(path), mode="r+")
+    # A group written before its arrays were (by an older scalespd, or created in place on an
+    # object store by a harvest that was cut short).
+    add_arrays(group)
     return group
 
 
@@ -354,28 +391,29 @@ def create_or_open_inputs(
 # --------------------------------------------------------------------------------------------
 
 
-def block_record_path(blocks_dir: Path, b: int) -> Path:
-    return blocks_dir / f"block_{b:07d}.npz"
+def block_record_path(blocks_dir: storage.PathLike, b: int) -> UPath:
+    return storage.as_path(blocks_dir) / f"block_{b:07d}.npz"
 
 
-def finished_blocks(blocks_dir: Path, layout: BlockLayout) -> set[int]:
+def finished_blocks(blocks_dir: storage.PathLike, layout: BlockLayout) -> set[int]:
     """Blocks with a completion record; a record that does not fit the layout is an error."""
+    blocks_dir = uncached(blocks_dir)  # records may come from other processes (Ray actors)
     done: set[int] = set()
     if not blocks_dir.exists():
         return done
     for p in sorted(blocks_dir.glob("block_*.npz")):
         try:
             b = int(p.stem.split("_")[1])
-            with np.load(p) as rec:
-                start, stop, n_cols = int(rec["start"]), int(rec["stop"]), int(rec["mean"].shape[0])
+            rec = load_npz(p)
+            start, stop, n_cols = int(rec["start"]), int(rec["stop"]), int(rec["mean"].shape[0])
         except Exception as err:
-            raise ProfilesError(f"completion record {p} is unreadable ({err}); delete it to "
+            raise ProfilesError(f"completion record {_url(p)} is unreadable ({err}); delete it to "
                                 f"recompute that block") from None
         fits = b < layout.n_blocks and (start, stop) == layout.block_range(b)
         if not fits or n_cols != layout.n_cols:
             raise ProfilesError(
-                f"completion record {p} (rows [{start}, {stop}), {n_cols} columns) does not fit "
-                f"this harvest's layout ({layout.n_blocks} blocks of {layout.block_rows} rows, "
+                f"completion record {_url(p)} (rows [{start}, {stop}), {n_cols} columns) does not "
+                f"fit this harvest's layout ({layout.n_blocks} blocks of {layout.block_rows} rows, "
                 f"{layout.n_cols} columns)"
             )
         done.add(b)
@@ -395,7 +433,9 @@ class ChunkWriter:
     around it (a fresh contiguous copy per chunk, an all-fill-value scan, asyncio hand-offs), and
     on 2 cores that competed with the next block's forward. `for_array` returns None for any
     array whose chunk bytes this could not reproduce (another store, codec chain, fill value or
-    byte order); callers then write through zarr."""
+    byte order); callers then write through zarr. That includes every array not in a local
+    folder: on an object store zarr's own region writes put each chunk as one object, whole or
+    not at all, concurrently."""
 
     def __init__(self, arr: zarr.Array, root: Path, encode: Callable[[np.ndarray], Any]) -> None:
         self.arr, self.root, self.encode = arr, root, encode
