@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from upath import UPath
 
+from scalespd import storage
 from scalespd.config import ONE_HOT_VALUE, ConfigError, RunConfig
 from scalespd.targets.io import load_target, read_meta, save_target
 from scalespd.targets.training import eval_loss, sanity_check, train_target
@@ -29,12 +31,12 @@ _SUMMARY_KEYS = ("source", "steps", "final_loss", "eval_loss", "zero_output_loss
                  "one_hot_features_ok", "one_hot_features_represented", "one_hot_diag_mean")
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
     if cfg.target.kind == "hf_causal_lm":
         from scalespd.targets.lm.stage import run as run_lm  # noqa: PLC0415
 
         return run_lm(cfg, run_dir)
-    out = Path(run_dir) / STAGE_DIR
+    out = storage.as_path(run_dir) / STAGE_DIR
     tcfg = cfg.target
     assert tcfg.kind != "hf_causal_lm"  # handled above; this narrows the type
     wanted = tcfg.model_dump(mode="json")

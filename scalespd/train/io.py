@@ -2,17 +2,19 @@
 
 run_dir/decompose/final/ holds `model.pt` ({"components": ..., "ci_fns": ...} state dicts of the
 ComponentModel) and `meta.json` (the target and decompose configs, steps, final metrics); the
-frozen target itself lives once, in run_dir/target/.
+frozen target itself lives once, in run_dir/target/. `run_dir` may be a local path or an
+fsspec URL (`scalespd.storage.as_path`).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from upath import UPath
 
+from scalespd import storage
 from scalespd.config import DecomposeConfig
 from scalespd.errors import naming_file
 
@@ -24,19 +26,26 @@ MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 
 
-def save_torch(obj: Any, path: str | Path) -> None:
-    """torch.save through a Python file object: given a path, torch's own writer turns a full
-    disk into a RuntimeError without errno; through a file object it stays an OSError (ENOSPC),
-    which `naming_file` then ties to `path`."""
-    with naming_file(path), open(path, "wb") as f:
+def save_torch(obj: Any, path: storage.PathLike) -> None:
+    """torch.save through a Python file object, all or nothing (`storage.atomic_writer`: a
+    reader never sees half a file). Given a path, torch's own writer turns a full disk into a
+    RuntimeError without errno; through a file object it stays an OSError (ENOSPC), which
+    `naming_file` then ties to `path`."""
+    with naming_file(storage.url(path)), storage.atomic_writer(path) as f:
         torch.save(obj, f)
 
 
-def final_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "decompose" / FINAL_DIR
+def load_torch(path: storage.PathLike, **kwargs: Any) -> Any:
+    """torch.load of the file at `path` (local or URL) through a file object."""
+    with storage.as_path(path).open("rb") as f:
+        return torch.load(f, **kwargs)
 
 
-def read_final_meta(run_dir: str | Path) -> dict[str, Any] | None:
+def final_dir(run_dir: storage.PathLike) -> UPath:
+    return storage.as_path(run_dir) / "decompose" / FINAL_DIR
+
+
+def read_final_meta(run_dir: storage.PathLike) -> dict[str, Any] | None:
     """final/meta.json of a finished decomposition, or None when there is none (yet)."""
     d = final_dir(run_dir)
     if not (d / META_FILE).is_file() or not (d / MODEL_FILE).is_file():
@@ -49,7 +58,7 @@ def model_state(model: ComponentModel) -> dict[str, Any]:
     return {"components": model.components.state_dict(), "ci_fns": model.ci_fns.state_dict()}
 
 
-def load_decomposition(run_dir: str | Path, device: str | torch.device = "cpu"):
+def load_decomposition(run_dir: storage.PathLike, device: str | torch.device = "cpu"):
     """The trained ComponentModel of run_dir (target from run_dir/target, SPD parts from
     run_dir/decompose/final), in eval mode on `device`."""
     from scalespd.targets import load_target  # noqa: PLC0415
@@ -59,7 +68,7 @@ def load_decomposition(run_dir: str | Path, device: str | torch.device = "cpu"):
         match_modules,
     )
 
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     meta = read_final_meta(run_dir)
     if meta is None:
         raise FileNotFoundError(
@@ -73,7 +82,7 @@ def load_decomposition(run_dir: str | Path, device: str | torch.device = "cpu"):
     infos = decomposable_modules(target, target_cfg)
     module_C = match_modules([(m.pattern, m.C) for m in dcfg.modules], [i.path for i in infos])
     model = ComponentModel(target, module_C, infos, dcfg)
-    state = torch.load(final_dir(run_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
+    state = load_torch(final_dir(run_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
     model.components.load_state_dict(state["components"])
     model.ci_fns.load_state_dict(state["ci_fns"])
     return model.to(device).eval()

@@ -20,12 +20,12 @@ model's next-token cross-entropy and its per-token KL to the target, with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scalespd import storage
 from scalespd.train.components import ComponentModel, Mask
 
 
@@ -59,7 +59,7 @@ def _cpu(generator: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def load_sequences(target_dir: str | Path) -> LMSequences:
+def load_sequences(target_dir: storage.PathLike) -> LMSequences:
     """The packed train / held-out sequences of the target saved in `target_dir` (its recorded
     config and tokenizer; the text is read and tokenized again, which is deterministic)."""
     from scalespd.config import HFCausalLMTargetConfig  # noqa: PLC0415

@@ -8,7 +8,7 @@ stage and the report can share them.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from scalespd import storage
 from scalespd.train.components import ComponentModel
 from scalespd.train.losses import (
     ci_masked_recon_loss,
@@ -199,7 +200,7 @@ def decomposition_metrics(
 
 
 @torch.no_grad()
-def save_ci_heatmap(model: ComponentModel, one_hot: Tensor, path: Path,
+def save_ci_heatmap(model: ComponentModel, one_hot: Tensor, path: storage.PathLike,
                     title: str | None = None, ylabel: str = "one-hot input feature") -> None:
     """PNG of CI on one-hot inputs (F, F) (or on the tokens of one sequence (1, T) of a
     language model), one panel per module: rows = inputs, columns = subcomponents permuted
@@ -227,6 +228,8 @@ def save_ci_heatmap(model: ComponentModel, one_hot: Tensor, path: Path,
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="causal importance")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    path = storage.as_path(path)
+    storage.makedirs(path.parent)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    storage.write_bytes_atomic(path, buf.getvalue())

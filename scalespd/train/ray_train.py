@@ -30,6 +30,20 @@ Ctrl-C: `fit()` is made to end with KeyboardInterrupt once the workers are stopp
 
 Ray sets up the torch process group (gloo on CPU, nccl on GPU) before `train_loop_per_worker`
 runs; the SPD trainer only needs its rank and world size.
+
+Where the run directory lives (`scalespd.storage`): Ray Train's storage_path follows it.
+
+* A filesystem every process sees (a local or shared disk, s3://, gs://, ...): Ray Train keeps
+  its checkpoints and snapshot in run_dir/decompose/ray on that filesystem (for a URL through
+  `storage_filesystem`, pyarrow's wrapper of the fsspec filesystem). Locally a checkpoint is
+  committed by a rename as above; an object store has no rename, so rank 0 writes the
+  checkpoint into a local temporary folder and uploads its files with state.pt last: state.pt
+  is what `checkpoint_problem` validates, so a checkpoint without it is never resumed from.
+  final/ is written in place there with final/meta.json last (`read_final_meta` needs both),
+  and attempts.jsonl is rewritten whole (no append). Workers get run_dir as `storage.url`.
+* A filesystem only this process sees (memory://): the workers could not reach it, so the
+  stage runs on a local temporary copy (run_dir/target and, to resume, run_dir/decompose) and
+  copies decompose/ back when it ends, however it ends.
 """
 
 from __future__ import annotations
@@ -40,19 +54,24 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from upath import UPath
 
+from scalespd import storage
 from scalespd.config import RunConfig
 from scalespd.errors import STORAGE_ERRNOS, StorageError, naming_file, storage_error
 from scalespd.train.io import (
     FINAL_DIR,
     META_FILE,
     MODEL_FILE,
+    load_torch,
     model_state,
     read_final_meta,
     save_torch,
@@ -79,16 +98,17 @@ DAMAGED_SUFFIX = ".damaged-"
 _CHECKPOINT_RE = re.compile(r"checkpoint_(\d{7,})")
 
 
-def decompose_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "decompose"
+def decompose_dir(run_dir: storage.PathLike) -> UPath:
+    return storage.as_path(run_dir) / "decompose"
 
 
-def storage_path(run_dir: Path) -> Path:
+def storage_path(run_dir: storage.PathLike) -> UPath:
     """Where Ray Train keeps this run's checkpoints (absolute: Ray requires it)."""
-    return decompose_dir(run_dir).resolve() / "ray"
+    d = decompose_dir(run_dir)
+    return (d.resolve() if storage.is_local(d) else d) / "ray"
 
 
-def checkpoint_root(run_dir: Path) -> Path:
+def checkpoint_root(run_dir: storage.PathLike) -> UPath:
     return storage_path(run_dir) / RAY_RUN_NAME
 
 
@@ -107,19 +127,22 @@ def checkpoint_step(name: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_state(path: storage.PathLike, map_location: str | torch.device = "cpu"
+               ) -> dict[str, Any]:
     """The trainer state in checkpoint folder `path`."""
     # weights_only=False: the file is this run's own trainer state (optimizer state included).
-    return torch.load(Path(path) / STATE_FILE, map_location=map_location, weights_only=False)
+    return load_torch(storage.as_path(path) / STATE_FILE, map_location=map_location,
+                      weights_only=False)
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: storage.PathLike) -> str | None:
     """Why checkpoint folder `path` cannot be resumed from, None when it can: its state.pt must
     load and hold the step its name says. Loading is cheap for the toy models (a few MB)."""
-    step = checkpoint_step(Path(path).name)
+    path = storage.as_path(path)
+    step = checkpoint_step(path.name)
     if step is None:
         return "not a checkpoint folder name"
-    if not (Path(path) / STATE_FILE).is_file():
+    if not (path / STATE_FILE).is_file():
         return f"{STATE_FILE} is missing"
     try:
         state = load_state(path)
@@ -132,7 +155,7 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+def checkpoint_dirs(run_dir: storage.PathLike) -> list[tuple[int, UPath]]:
     """(step, folder) of every checkpoint folder on disk, newest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
@@ -141,7 +164,7 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(((s, p) for s, p in found if s is not None), reverse=True)
 
 
-def find_resume_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+def find_resume_checkpoint(run_dir: storage.PathLike) -> tuple[int, UPath] | None:
     """(step, folder) of the newest checkpoint on disk that can be resumed from, None if there
     is none. Newer damaged ones are logged (by path) and skipped; nothing is moved here."""
     for step, path in checkpoint_dirs(run_dir):
@@ -153,14 +176,14 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return None
 
 
-def latest_checkpoint_step(run_dir: Path) -> int | None:
+def latest_checkpoint_step(run_dir: storage.PathLike) -> int | None:
     """Step a (re)start of the decompose stage resumes from: the newest valid checkpoint on
     disk (see `find_resume_checkpoint`), None if there is none."""
     found = find_resume_checkpoint(run_dir)
     return None if found is None else found[0]
 
 
-def _aside_name(path: Path) -> Path:
+def _aside_name(path: UPath) -> UPath:
     """`path` renamed to `<name>.damaged-<time>` (a free name): kept for inspection, never
     deleted, and no longer a name Ray Train or the resume logic looks at."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -171,17 +194,19 @@ def _aside_name(path: Path) -> Path:
     return cand
 
 
-def _move_aside(path: Path) -> Path:
+def _move_aside(path: UPath) -> UPath:
+    """Rename `path` (a folder or a file) aside; on an object store a copy and a delete."""
     dest = _aside_name(path)
-    with naming_file(path):
-        path.rename(dest)
+    with naming_file(storage.url(path)):
+        storage.rename_dir(path, dest)
     return dest
 
 
-def snapshot_problem(snapshot: Path) -> str | None:
+def snapshot_problem(snapshot: storage.PathLike) -> str | None:
     """Why Ray Train could not start from `snapshot` (a cut or garbled file, a record of
     checkpoints that are not on disk), None if it can. Ray itself fails with an error that
     names no file and keeps failing on every later run."""
+    snapshot = storage.as_path(snapshot)
     try:
         data = json.loads(snapshot.read_text())
         results = data["checkpoint_results"]
@@ -217,17 +242,24 @@ def snapshot_problem(snapshot: Path) -> str | None:
     return None
 
 
-def _remove_staging(root: Path) -> None:
+def _remove_staging(root: UPath) -> None:
     """Checkpoints a killed run was still writing: partial by definition, and ours alone."""
     if not root.is_dir():
         return
     for p in root.iterdir():
         if p.name.startswith(STAGING_PREFIX) and p.is_dir():
             log.info("decompose: removing %s, a checkpoint a previous run did not finish", p)
-            shutil.rmtree(p, ignore_errors=True)
+            _rmtree_quietly(p)
 
 
-def prepare_resume(run_dir: Path) -> tuple[int, Path] | None:
+def _rmtree_quietly(path: storage.PathLike) -> None:
+    try:
+        storage.rmtree(path)
+    except OSError as err:
+        log.debug("decompose: could not remove %s: %s", path, err)
+
+
+def prepare_resume(run_dir: storage.PathLike) -> tuple[int, UPath] | None:
     """Driver, before each fit: choose the checkpoint to resume from and leave Ray Train a
     checkpoint folder it can start from.
 
@@ -255,7 +287,7 @@ def prepare_resume(run_dir: Path) -> tuple[int, Path] | None:
     return found
 
 
-def snapshot_checkpoints(run_dir: Path) -> list[str] | None:
+def snapshot_checkpoints(run_dir: storage.PathLike) -> list[str] | None:
     """Checkpoint folder names Ray Train's snapshot lists, None if it cannot be read."""
     try:
         data = json.loads((checkpoint_root(run_dir) / SNAPSHOT_FILE).read_text())
@@ -264,7 +296,7 @@ def snapshot_checkpoints(run_dir: Path) -> list[str] | None:
         return None
 
 
-def prune_untracked_checkpoints(run_dir: Path) -> None:
+def prune_untracked_checkpoints(run_dir: storage.PathLike) -> None:
     """After a finished fit: remove checkpoint folders Ray Train does not track and that are
     older than its newest. Ray prunes only what its snapshot lists (CHECKPOINTS_TO_KEEP), so the
     folder a run resumed from without Ray knowing it, and those of a run whose snapshot was
@@ -279,7 +311,7 @@ def prune_untracked_checkpoints(run_dir: Path) -> None:
         if step < newest and path.name not in tracked:
             log.info("decompose: removing %s (superseded; Ray Train keeps the newest %d)", path,
                      CHECKPOINTS_TO_KEEP)
-            shutil.rmtree(path)
+            storage.rmtree(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,29 +328,28 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_text(path: Path, text: str) -> None:
-    with naming_file(path):
-        path.write_text(text)
+def _write_text(path: storage.PathLike, text: str) -> None:
+    """`text` into `path`, all or nothing (a reader may look at any time)."""
+    with naming_file(storage.url(path)):
+        storage.write_text_atomic(path, text)
 
 
-def write_progress(run_dir: Path, step: int, steps: int) -> None:
+def write_progress(run_dir: storage.PathLike, step: int, steps: int) -> None:
     """decompose/progress.json, replaced atomically (the driver may read it at any time).
     Advisory only: a write that fails (a full disk) is skipped, and the checkpoint writes
     report the storage problem."""
     path = decompose_dir(run_dir) / PROGRESS_FILE
-    tmp = path.with_name(f".{PROGRESS_FILE}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"step": step, "steps": steps}))
-        os.replace(tmp, path)
+        storage.write_text_atomic(path, json.dumps({"step": step, "steps": steps}))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 class _ProgressBar:
     """On a terminal, a driver-side bar of the training steps, read from progress.json once a
     second by a daemon thread while trainer.fit() runs; nothing elsewhere."""
 
-    def __init__(self, run_dir: Path, steps: int) -> None:
+    def __init__(self, run_dir: storage.PathLike, steps: int) -> None:
         self.path = decompose_dir(run_dir) / PROGRESS_FILE
         self.steps = steps
         self.stop = threading.Event()
@@ -349,10 +380,15 @@ class _ProgressBar:
                 bar.update(max(0, step - bar.n))
 
 
-def _staging_dir(root: Path, step: int) -> Path:
+def _staging_dir(root: UPath, step: int) -> Path:
     """Where rank 0 writes the checkpoint of `step` before `_commit_checkpoint` renames it into
-    place: in the checkpoint folder itself, so the commit is a rename on the same file system."""
-    return root / f"{STAGING_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    place: in the checkpoint folder itself, so the commit is a rename on the same file system.
+    Where there is no rename (an object store), a local temporary folder that
+    `_upload_checkpoint` copies from."""
+    name = f"{STAGING_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    if storage.has_rename(root):
+        return storage.local_path(root) / name
+    return Path(tempfile.mkdtemp(prefix="scalespd-ckpt-")) / name
 
 
 def _write_checkpoint_files(trainer: SPDTrainer, eval_metrics: dict[str, Any], step: int,
@@ -386,14 +422,38 @@ def _commit_checkpoint(checkpoint: Any, dir_name: str) -> Any:
     return ray.train.Checkpoint.from_directory(str(dest))
 
 
-def _write_final(trainer: SPDTrainer, cfg: RunConfig, run_dir: Path, eval_metrics: dict[str, Any],
-                 world_size: int) -> None:
-    """Rank 0: the finished model and metrics. `final/` appears only when complete (rename)."""
+def _upload_checkpoint(checkpoint: Any, dir_name: str, root: UPath) -> Any:
+    """Ray Train's `checkpoint_upload_fn` where there is no rename (an object store): copy the
+    local staging folder's files to root/dir_name, state.pt last. A checkpoint folder without
+    state.pt is not one `checkpoint_problem` accepts, so an upload cut short is never resumed
+    from. Returns the checkpoint on Ray Train's storage filesystem."""
+    import ray.train  # noqa: PLC0415
+
+    src = Path(checkpoint.path)
+    dest = root / dir_name
+    if dest.exists():
+        # As in `_commit_checkpoint`: an earlier attempt's checkpoint Ray never recorded. Its
+        # state.pt goes first, so that a half-removed folder is not a valid checkpoint.
+        log.info("decompose: replacing %s, which Ray Train never recorded", storage.url(dest))
+        if (dest / STATE_FILE).exists():
+            (dest / STATE_FILE).unlink()
+        storage.rmtree(dest)
+    files = sorted((f for f in src.rglob("*") if f.is_file()),
+                   key=lambda f: (f.name == STATE_FILE, f.as_posix()))
+    for f in files:
+        target = dest / f.relative_to(src).as_posix()
+        with naming_file(storage.url(target)):
+            target.write_bytes(f.read_bytes())
+    fs = ray.train.get_context().get_storage().storage_filesystem
+    return ray.train.Checkpoint(path=dest.path, filesystem=fs)
+
+
+def _write_final(trainer: SPDTrainer, cfg: RunConfig, run_dir: UPath,
+                 eval_metrics: dict[str, Any], world_size: int) -> None:
+    """Rank 0: the finished model and metrics. `final/` appears only when complete: renamed
+    into place locally; on an object store written in place with meta.json removed first and
+    written last (`read_final_meta` needs both files)."""
     out = decompose_dir(run_dir)
-    tmp = out / f"{FINAL_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_torch(model_state(trainer.model), tmp / MODEL_FILE)
     meta = {
         "steps": trainer.step,
         "world_size": world_size,
@@ -401,19 +461,40 @@ def _write_final(trainer: SPDTrainer, cfg: RunConfig, run_dir: Path, eval_metric
         "decompose": cfg.decompose.model_dump(mode="json"),
         "metrics": eval_metrics,
     }
-    _write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-    with naming_file(out / HEATMAP_FILE):
+    final = out / FINAL_DIR
+    tmp = out / f"{FINAL_DIR}.tmp"
+    if storage.has_rename(out):
+        shutil.rmtree(storage.local_path(tmp), ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_torch(model_state(trainer.model), tmp / MODEL_FILE)
+        _write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+    else:
+        if (final / META_FILE).exists():
+            (final / META_FILE).unlink()
+        save_torch(model_state(trainer.model), final / MODEL_FILE)
+    with naming_file(storage.url(out / HEATMAP_FILE)):
         trainer.save_ci_heatmap(out / HEATMAP_FILE)
     _write_text(out / METRICS_FILE, json.dumps({"step": trainer.step, **eval_metrics}, indent=2))
-    final = out / FINAL_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.replace(final)
+    if storage.has_rename(out):
+        shutil.rmtree(storage.local_path(final), ignore_errors=True)
+        tmp.replace(final)
+    else:
+        _write_text(final / META_FILE, json.dumps(meta, indent=2))
 
 
-def _log_attempt(run_dir: Path, record: dict[str, Any]) -> None:
+def _log_attempt(run_dir: UPath, record: dict[str, Any]) -> None:
+    """One line in decompose/attempts.jsonl: appended locally; an object store has no append,
+    so there the file is read and written back whole (one writer: rank 0 of one fit)."""
     path = decompose_dir(run_dir) / ATTEMPTS_FILE
-    with naming_file(path), path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if storage.is_local(path):
+        with naming_file(storage.url(path)), path.open("a") as f:
+            f.write(line)
+        return
+    before = path.read_text() if path.exists() else ""
+    if before and not before.endswith("\n"):
+        before += "\n"
+    _write_text(path, before + line)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -444,14 +525,15 @@ def _initial_state(ray_checkpoint: Any, resume: dict[str, Any] | None,
         with ray_checkpoint.as_directory() as d:
             return load_state(Path(d), device), Path(ray_checkpoint.path).name
     if resume is not None:
-        return load_state(Path(resume["path"]), device), Path(resume["path"]).name
+        where = storage.as_path(resume["path"])
+        return load_state(where, device), where.name
     return None, None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The body each Ray Train worker runs.
 
-    config: {"run": RunConfig as JSON, "run_dir": str, "threads": int,
+    config: {"run": RunConfig as JSON, "run_dir": str (`storage.url`), "threads": int,
     "resume": {"step", "path"} or None}. A storage failure (disk full, permissions) leaves the
     worker as a `StorageError` naming the file, which pickles to the driver intact (a cause
     chain would not)."""
@@ -474,7 +556,7 @@ def _train(config: dict[str, Any]) -> None:
     _quiet_ray_train_reports()
     cfg = RunConfig.model_validate(config["run"])
     dcfg = cfg.decompose
-    run_dir = Path(config["run_dir"])
+    run_dir = storage.as_path(config["run_dir"])
     torch.set_num_threads(int(config.get("threads", 1)))
 
     ctx = ray.train.get_context()
@@ -535,7 +617,7 @@ def _train_metrics(metrics: dict[str, Any], step: int, t0: float, steps_done: in
 
 
 def _report_with_checkpoint(trainer: SPDTrainer, metrics: dict[str, Any], step: int, rank: int,
-                            t0: float, steps_done: int, root: Path) -> dict[str, Any]:
+                            t0: float, steps_done: int, root: UPath) -> dict[str, Any]:
     """Report on every rank; rank 0 evaluates and attaches a checkpoint. Returns rank 0's eval
     metrics ({} on other ranks)."""
     import ray.train  # noqa: PLC0415
@@ -548,13 +630,17 @@ def _report_with_checkpoint(trainer: SPDTrainer, metrics: dict[str, Any], step: 
     eval_metrics = _jsonable(trainer.evaluate())
     report.update({f"eval/{k}": v for k, v in eval_metrics.items()})
     d = _staging_dir(root, step)
+    upload = (_commit_checkpoint if storage.has_rename(root)
+              else partial(_upload_checkpoint, root=root))
     try:
         _write_checkpoint_files(trainer, eval_metrics, step, d)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
                          checkpoint_dir_name=checkpoint_name(step),
-                         checkpoint_upload_fn=_commit_checkpoint)
+                         checkpoint_upload_fn=upload)
     finally:
         shutil.rmtree(d, ignore_errors=True)  # still there only if the commit did not happen
+        if not storage.has_rename(root):
+            shutil.rmtree(d.parent, ignore_errors=True)  # the local temporary folder
     return eval_metrics
 
 
@@ -631,7 +717,7 @@ def _interruptible_trainer_class() -> type:
     return InterruptibleTorchTrainer
 
 
-def _storage_failure(err: BaseException, where: Path) -> StorageError | None:
+def _storage_failure(err: BaseException, where: UPath) -> StorageError | None:
     """The StorageError of a failed fit whose cause is a full disk or a permission problem, in
     a worker (`WorkerGroupError.worker_failures`) or in the controller writing Ray's snapshot
     (`ControllerError.controller_failure`); None for any other failure."""
@@ -646,39 +732,97 @@ def _storage_failure(err: BaseException, where: Path) -> StorageError | None:
         if user is not None:
             if user.filename is None and user.errno in STORAGE_ERRNOS:
                 # pyarrow (Ray's snapshot writer) names no file: name the folder it writes to.
-                user = StorageError(f"{where}: {STORAGE_ERRNOS[user.errno]}", user.errno,
-                                    str(where))
+                user = StorageError(f"{storage.url(where)}: {STORAGE_ERRNOS[user.errno]}",
+                                    user.errno, storage.url(where))
             return user
     return None
 
 
-def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def launch(cfg: RunConfig, run_dir: storage.PathLike) -> dict[str, Any]:
     """Run (or resume) the decomposition of `run_dir/target` with Ray Train.
 
     Returns the final metrics, the number of steps, the world size, the wall time and the step
     it resumed from (None for a fresh start). Ctrl-C ends it with KeyboardInterrupt once the
     workers are stopped; a full disk (or a permission problem) with the StorageError naming the
-    file; any other failure of the workers with Ray's TrainingFailedError."""
+    file; any other failure of the workers with Ray's TrainingFailedError.
+
+    run_dir: a local path or an fsspec URL; one only this process sees (memory://) is run on a
+    local copy (`_launch_staged`)."""
+    run_dir = storage.as_path(run_dir)
+    if not storage.shared_across_processes(run_dir):
+        return _launch_staged(cfg, run_dir)
+    return _launch(cfg, run_dir)
+
+
+def _launch_staged(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
+    """`_launch` on a local temporary copy of run_dir/target and run_dir/decompose (its
+    checkpoints, to resume), for a run directory Ray's workers cannot see. decompose/ is copied
+    back when the fit ends, also when it fails or is interrupted (so a re-run resumes), and
+    files the fit removed (pruned checkpoints, things moved aside) are removed there too."""
+    with tempfile.TemporaryDirectory(prefix="scalespd-decompose-") as tmp:
+        local = Path(tmp) / "run"
+        local.mkdir()
+        for sub in ("target", "decompose"):
+            src = run_dir / sub
+            if src.is_dir():
+                with storage.local_copy(src) as copy:
+                    shutil.copytree(copy, local / sub)
+        log.info("decompose: %s is seen by this process only; running on a local copy in %s",
+                 storage.url(run_dir), local)
+        try:
+            return _launch(cfg, storage.as_path(local))
+        finally:
+            if (local / "decompose").is_dir():
+                _sync_back(local / "decompose", decompose_dir(run_dir))
+
+
+def _sync_back(src: Path, dest: UPath) -> None:
+    """Make the folder `dest` hold what the local folder `src` holds."""
+    storage.upload_dir(src, dest)
+    keep = {f.relative_to(src).as_posix() for f in src.rglob("*") if f.is_file()}
+    root = dest.path.rstrip("/")
+    for found in dest.fs.find(root):
+        rel = found[len(root):].lstrip("/")
+        if rel not in keep:
+            dest.fs.rm(found)
+
+
+def _ray_storage(run_dir: UPath) -> dict[str, Any]:
+    """RunConfig's storage_path (and storage_filesystem, for a URL) for this run directory:
+    Ray Train keeps its checkpoints on the run directory's own filesystem."""
+    where = storage_path(run_dir)
+    if storage.is_local(where):
+        return {"storage_path": storage.url(where)}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem  # noqa: PLC0415
+
+    return {"storage_path": where.path.rstrip("/"),
+            "storage_filesystem": PyFileSystem(FSSpecHandler(where.fs))}
+
+
+def _launch(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
     import ray.train  # noqa: PLC0415
 
     from scalespd.raytools import ensure_ray  # noqa: PLC0415
 
     dcfg = cfg.decompose
-    run_dir = Path(run_dir).resolve()
-    decompose_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    if storage.is_local(run_dir):
+        run_dir = run_dir.resolve()
+    storage.makedirs(decompose_dir(run_dir))
     ensure_ray(cfg.ray)
     _check_local_resources(cfg)
     cpus = dcfg.cpus_per_worker
     resume = prepare_resume(run_dir)
     log.info("decompose: Ray Train run %r (%d worker(s) x %d CPU%s) in %s, %s", RAY_RUN_NAME,
-             dcfg.num_workers, cpus, " + 1 GPU" if dcfg.use_gpu else "", storage_path(run_dir),
+             dcfg.num_workers, cpus, " + 1 GPU" if dcfg.use_gpu else "",
+             storage.url(storage_path(run_dir)),
              f"resuming from {resume[1].name}" if resume else "starting from step 0")
 
     loop_config: dict[str, Any] = {
         "run": cfg.model_dump(mode="json"),
-        "run_dir": str(run_dir),
+        "run_dir": storage.url(run_dir),
         "threads": cpus,
-        "resume": None if resume is None else {"step": resume[0], "path": str(resume[1])},
+        "resume": None if resume is None else {"step": resume[0],
+                                               "path": storage.url(resume[1])},
     }
     trainer = _interruptible_trainer_class()(
         train_loop_per_worker,
@@ -690,7 +834,7 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         ),
         run_config=ray.train.RunConfig(
             name=RAY_RUN_NAME,
-            storage_path=str(storage_path(run_dir)),
+            **_ray_storage(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=dcfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
         ),
@@ -720,6 +864,9 @@ def launch(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         if on_main and previous_sigint is not None:
             # Ray leaves its handler installed, bound to a controller that is gone.
             signal.signal(signal.SIGINT, previous_sigint)
+        if not storage.is_local(run_dir):
+            # The workers wrote through other processes: forget the listings fsspec cached.
+            run_dir.fs.invalidate_cache()
     seconds = time.perf_counter() - t0
 
     meta = read_final_meta(run_dir)

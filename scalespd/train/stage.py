@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
+from upath import UPath
+
+from scalespd import storage
 from scalespd.config import RunConfig
 from scalespd.errors import RunDirError, naming_file
 from scalespd.jsonio import write_json_atomic
@@ -30,7 +32,7 @@ def _config_record(cfg: RunConfig) -> dict[str, Any]:
             "decompose": cfg.decompose.model_dump(mode="json")}
 
 
-def _check_same_config(cfg: RunConfig, run_dir: Path) -> None:
+def _check_same_config(cfg: RunConfig, run_dir: UPath) -> None:
     """Refuse to resume checkpoints (or keep a model) made with another config."""
     record = decompose_dir(run_dir) / CONFIG_RECORD
     if not record.exists():
@@ -48,9 +50,10 @@ def _check_same_config(cfg: RunConfig, run_dir: Path) -> None:
                           f"config; use another --run-dir or --force decompose")
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Decompose run_dir/target (resuming if interrupted). Returns final metrics, steps, seconds."""
-    run_dir = Path(run_dir)
+def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
+    """Decompose run_dir/target (resuming if interrupted). Returns final metrics, steps, seconds.
+    run_dir: a local path or an fsspec URL (see `ray_train.launch` for how each is run)."""
+    run_dir = storage.as_path(run_dir)
     if not (run_dir / "target").is_dir():
         raise FileNotFoundError(f"{run_dir / 'target'} is missing: run the target stage first")
     _check_same_config(cfg, run_dir)
@@ -60,10 +63,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         return {"steps": meta["steps"], "world_size": meta["world_size"],
                 "metrics": meta["metrics"], "skipped": True, "seconds": 0.0}
 
-    decompose_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    storage.makedirs(decompose_dir(run_dir))
     record = decompose_dir(run_dir) / CONFIG_RECORD
     if not record.exists():  # when it exists it matches (checked above): leave it alone
-        with naming_file(record):  # atomic: a full disk must not leave half a record
+        with naming_file(storage.url(record)):  # atomic: a full disk must not leave half a record
             write_json_atomic(record, _config_record(cfg))
     t0 = time.perf_counter()
     summary = launch(cfg, run_dir)  # holds resumed_from_step: the checkpoint it started from

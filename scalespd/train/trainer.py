@@ -20,7 +20,6 @@ Determinism and data parallelism:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from scalespd import storage
 from scalespd.config import ONE_HOT_VALUE, DecomposeConfig
 from scalespd.schedules import scheduled_lr
 from scalespd.targets import ground_truth, make_dataset, one_hot_inputs
@@ -200,15 +200,15 @@ class SPDTrainer:
         return decomposition_metrics(self.model, self.cfg, x, self._one_hot(),
                                      ground_truth(self.target_cfg), p=p, generator=gen)
 
-    def save_ci_heatmap(self, path: Path) -> None:
+    def save_ci_heatmap(self, path: storage.PathLike) -> None:
         """PNG of the causal importances on one-hot inputs (ONE_HOT_VALUE), columns permuted;
         for a language model, on the tokens of its first held-out sequence."""
         if self.is_lm:
-            save_ci_heatmap(self.model, self.dataset.eval_batch(1, self.device), Path(path),
+            save_ci_heatmap(self.model, self.dataset.eval_batch(1, self.device), path,
                             title=f"causal importance on one held-out sequence, step {self.step}",
                             ylabel="token position")
             return
-        save_ci_heatmap(self.model, self._one_hot(), Path(path),
+        save_ci_heatmap(self.model, self._one_hot(), path,
                         title=f"causal importance on one-hot inputs, step {self.step}")
 
     # ---------------------------------------------------------------------------------------

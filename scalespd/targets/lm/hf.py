@@ -5,17 +5,22 @@ the field (`scalespd.errors.ConfigError`) instead of the hub client's tracebacks
 string that exists on disk, or looks like a file-system path (absolute, `./`, `../`, `~`, more
 than one `/`), is local; anything else is tried on the hub, which needs internet or the hub
 cache (HF_HUB_OFFLINE=1 allows only the cache; it is also honoured when set after the hub
-client was imported, by passing local_files_only).
+client was imported, by passing local_files_only). A folder at an fsspec URL (`s3://...`,
+`memory://...`, as a run directory on an object store holds its trained target) is loaded from
+a local copy (`scalespd.storage.local_copy`): transformers reads only local folders.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from scalespd import storage
 from scalespd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +41,28 @@ def hub_offline() -> bool:
 def _looks_local(path: str) -> bool:
     return (path.startswith(("/", "./", "../", "~", "."))
             or path.count("/") > 1 or os.sep != "/" and os.sep in path)
+
+
+def is_url(path: str) -> bool:
+    """True for an fsspec URL of a non-local folder (s3://, gs://, memory://, ...)."""
+    return "://" in path and not storage.is_local(path)
+
+
+@contextmanager
+def local_model_dir(path: str, field: str = "target.path") -> Iterator[str]:
+    """`path` itself, or for a folder at a URL a local copy of it (for transformers), with the
+    same ConfigErrors as `resolve_model_path` for a missing folder or one without a model."""
+    if not is_url(path):
+        yield path
+        return
+    remote = storage.as_path(path)
+    if not remote.is_dir():
+        raise ConfigError(f"{field}: the model directory {path} does not exist")
+    if not (remote / CONFIG_FILE).is_file():
+        raise ConfigError(f"{field}: {path} holds no Hugging Face model ({CONFIG_FILE} is "
+                          "missing); expected a directory written with save_pretrained")
+    with storage.local_copy(remote) as local:
+        yield str(local)
 
 
 def resolve_model_path(path: str, field: str = "target.path") -> str:
@@ -69,9 +96,14 @@ def _unreachable(field: str, path: str, what: str, err: BaseException) -> Config
 
 def load_hf_config(path: str, field: str = "target.path") -> PretrainedConfig:
     """The model's configuration (config.json) only: cheap, no weights read."""
+    with local_model_dir(path, field) as local:
+        return _load_hf_config(local, path, field)
+
+
+def _load_hf_config(local: str, path: str, field: str) -> PretrainedConfig:
     from transformers import AutoConfig  # noqa: PLC0415
 
-    where = resolve_model_path(path, field)
+    where = resolve_model_path(local, field)
     try:
         return AutoConfig.from_pretrained(where, local_files_only=hub_offline())
     except Exception as err:  # the hub client raises many types (HTTP, offline, not found)
@@ -83,9 +115,14 @@ def load_hf_config(path: str, field: str = "target.path") -> PretrainedConfig:
 
 def load_tokenizer(path: str, field: str = "target.path") -> PreTrainedTokenizerBase:
     """The tokenizer saved next to the model (save_pretrained writes both)."""
+    with local_model_dir(path, field) as local:
+        return _load_tokenizer(local, path, field)
+
+
+def _load_tokenizer(local: str, path: str, field: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    where = resolve_model_path(path, field)
+    where = resolve_model_path(local, field)
     try:
         return AutoTokenizer.from_pretrained(where, local_files_only=hub_offline())
     except Exception as err:
@@ -139,10 +176,15 @@ def skeleton(config: PretrainedConfig, field: str = "target.path") -> PreTrained
 
 def load_model(path: str, field: str = "target.path", **kwargs: Any) -> PreTrainedModel:
     """The causal LM with its weights, float32, in eval mode (no dropout)."""
+    with local_model_dir(path, field) as local:
+        return _load_model(local, path, field, **kwargs)
+
+
+def _load_model(local: str, path: str, field: str, **kwargs: Any) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
-    where = resolve_model_path(path, field)
+    where = resolve_model_path(local, field)
     # Its "Loading weights" progress bar would interleave with the stage log (and repeat in
     # every Ray worker); the stage logs what it loads.
     hf_logging.disable_progress_bar()

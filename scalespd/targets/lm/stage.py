@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from upath import UPath
+
+from scalespd import storage
 from scalespd.config import HFCausalLMTargetConfig, RunConfig
 from scalespd.errors import ConfigError
 from scalespd.targets.io import META_FILE, read_meta
@@ -77,11 +79,11 @@ def preflight(cfg: HFCausalLMTargetConfig) -> Preflight:
     return Preflight(model_config, tokenizer, load_texts(cfg))
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
     tcfg = cfg.target
     if not isinstance(tcfg, HFCausalLMTargetConfig):
         raise TypeError(f"the LM target stage got a {type(tcfg).__name__}")
-    out = Path(run_dir) / STAGE_DIR
+    out = storage.as_path(run_dir) / STAGE_DIR
     wanted = tcfg.model_dump(mode="json")
     if (out / META_FILE).is_file():
         meta = read_meta(out)
@@ -99,7 +101,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     return _summary(info)
 
 
-def _train_default(cfg: HFCausalLMTargetConfig, pre: Preflight, out: Path) -> dict[str, Any]:
+def _train_default(cfg: HFCausalLMTargetConfig, pre: Preflight, out: UPath) -> dict[str, Any]:
     column = cfg.text_column
     # The tokenizer reads all the text, held-out part included: the held-out split is made on
     # packed token sequences, which need the tokenizer first. Merges learned from ~10% more
@@ -123,7 +125,7 @@ def _train_default(cfg: HFCausalLMTargetConfig, pre: Preflight, out: Path) -> di
 
 
 def _load_and_evaluate(cfg: HFCausalLMTargetConfig, pre: Preflight,
-                       out: Path) -> dict[str, Any]:
+                       out: UPath) -> dict[str, Any]:
     assert cfg.path is not None and pre.tokenizer is not None
     source = resolve_model_path(cfg.path)
     data = load_lm_data(cfg, pre.tokenizer, pre.texts)
@@ -149,19 +151,20 @@ def _data_info(data: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
             "tokenizer_size": len(tokenizer)}
 
 
-def _complete(out: Path, meta: dict[str, Any]) -> bool:
+def _complete(out: UPath, meta: dict[str, Any]) -> bool:
     if meta.get("source") == "loaded":
         return "loaded_from" in meta
     return all((out / f).is_file() for f in meta.get("files", [CONFIG_FILE]))
 
 
-def _remove_previous(out: Path, meta: dict[str, Any]) -> None:
+def _remove_previous(out: UPath, meta: dict[str, Any]) -> None:
     """Remove the previous target's meta.json first (the folder stops being complete), then
     the files it listed, and config.json, which would otherwise pass for a saved model."""
-    (out / META_FILE).unlink(missing_ok=True)
-    for name in [*meta.get("files", []), CONFIG_FILE]:
+    for name in [META_FILE, *meta.get("files", []), CONFIG_FILE]:
         if "/" not in name and name != "..":
-            (out / name).unlink(missing_ok=True)
+            path = out / name
+            if path.is_file():
+                path.unlink()
 
 
 def _summary(meta: dict[str, Any]) -> dict[str, Any]:
