@@ -50,14 +50,14 @@ def choose(stage: str, setting: Executor, *, work: float, minimum: float, pieces
 
     if setting not in ("auto", "local", "ray"):
         raise ValueError(f"executor must be auto, local or ray, got {setting!r}")
+    where: Where
     if data is not None and not shared_across_processes(data):
         if setting == "ray":
             log.warning("%s: running in this process: Ray workers cannot see %s", stage,
                         url(data))
         where, why = "local", "files only this process sees"
     elif setting != "auto":
-        where: Where = setting
-        why = "as configured"
+        where, why = setting, "as configured"
     elif pieces < 2:
         where, why = "local", "one piece of work"
     elif cluster_address(ray_cfg)[0]:

@@ -74,7 +74,7 @@ def url(path: PathLike) -> str:
     """A string that `as_path` turns back into the same location (for configs, logs, Ray
     task arguments): the plain path locally, the URL otherwise."""
     p = as_path(path)
-    return os.fspath(p) if is_local(p) else str(p)
+    return p.path if is_local(p) else str(p)
 
 
 def local_path(path: PathLike) -> Path:
@@ -83,7 +83,7 @@ def local_path(path: PathLike) -> Path:
     p = as_path(path)
     if not is_local(p):
         raise ValueError(f"{url(p)} is not on the local file system")
-    return Path(os.fspath(p))
+    return Path(p.path)
 
 
 # --------------------------------------------------------------------------------------------
