@@ -121,6 +121,10 @@ MANIFEST_FORMAT = 1
 # one (its process is gone) from one still being written, also on a shared file system.
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 INTERRUPTED = "interrupted; re-run the same command (--out {out} is as it was before the run)"
+# Where --out is written in place (no renames), an interrupted run empties it: with --overwrite
+# the earlier output is gone already.
+INTERRUPTED_IN_PLACE = ("interrupted; re-run the same command (--out {out} holds nothing of this "
+                        "run; with --overwrite its earlier output was removed before writing)")
 
 
 class InputError(UserError, ValueError):
@@ -878,7 +882,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_cluster(args)
     except KeyboardInterrupt:
         # run_cluster removed its temporary directory; outputs only ever appear complete.
-        print(f"\n{INTERRUPTED.format(out=args.out)}", file=sys.stderr)
+        note = INTERRUPTED if storage.has_rename(args.out) else INTERRUPTED_IN_PLACE
+        print(f"\n{note.format(out=args.out)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UserError as err:
         if args.verbose:

@@ -62,9 +62,9 @@ class NpyFile:
     worker that read it, and the mapped pages cannot be told apart from real allocations when
     memory is measured. A mapping per read keeps the resident set at one block.
 
-    path: the file (a local path, or an fsspec URL: then each read fetches the byte range of the
-    rows it needs, C order only); shape, dtype, fortran_order, offset (byte offset of the data)
-    come from its header (`NpyFile.open`).
+    path: the file (a local path, or an fsspec URL: then each read fetches the byte ranges of the
+    rows it needs, or in Fortran order of the columns it needs); shape, dtype, fortran_order,
+    offset (byte offset of the data) come from its header (`NpyFile.open`).
 
     Offers what the graph and spectral code read: shape, dtype, ndim,
     `X[key]` and `get_orthogonal_selection((rows, cols))`, each returning a new ndarray that
@@ -105,9 +105,9 @@ class NpyFile:
             offset = f.tell()
         if dtype.hasobject:
             raise ValueError(f"{storage.url(p)} holds Python objects, not numbers")
-        if fortran and len(shape) > 1:
-            raise ValueError(f"{storage.url(p)} is stored in Fortran order, which is read only "
-                             "from a local file; re-save it in C order (np.ascontiguousarray)")
+        if fortran and len(shape) > 2:
+            raise ValueError(f"{storage.url(p)} is a Fortran-order array of more than 2 "
+                             "dimensions, which is read only from a local file")
         size = int(np.prod(shape)) * dtype.itemsize
         if p.stat().st_size < offset + size:
             raise EOFError(f"{storage.url(p)} is shorter than its header says ({shape} {dtype})")
@@ -134,7 +134,7 @@ class NpyFile:
         return not storage.is_local(self.path)
 
     def _read_rows(self, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of a file at a URL, fetched as one byte range (C order)."""
+        """Rows [r0, r1) of a C-order file at a URL, fetched as one byte range."""
         row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         n = max(0, r1 - r0)
         if n == 0 or row_bytes == 0:
@@ -145,20 +145,60 @@ class NpyFile:
             data = p.fs.cat_file(p.path, start=start, end=start + n * row_bytes)
         return np.frombuffer(data, dtype=self.dtype).reshape((n, *self.shape[1:])).copy()
 
+    def _read_columns(self, r0: int, r1: int, cols: np.ndarray) -> np.ndarray:
+        """(r1 - r0, cols.size) rows [r0, r1) of the columns `cols` (ascending, distinct) of a
+        2-D Fortran-order file at a URL: one byte range per column (per run of consecutive
+        columns when all rows are read, as those lie one after another)."""
+        M, item = self.shape[0], self.dtype.itemsize
+        out = np.empty((r1 - r0, cols.size), dtype=self.dtype, order="F")
+        if out.size == 0:
+            return out
+        whole = r0 == 0 and r1 == M
+        runs = (np.split(np.arange(cols.size), np.flatnonzero(np.diff(cols) != 1) + 1) if whole
+                else [np.array([i]) for i in range(cols.size)])
+        starts = [self.offset + (int(cols[r[0]]) * M + r0) * item for r in runs]
+        ends = [s + r.size * (r1 - r0) * item for s, r in zip(starts, runs, strict=True)]
+        p = storage.as_path(self.path)
+        with naming_file(self.path):
+            parts = p.fs.cat_ranges([p.path] * len(runs), starts, ends)
+        for r, data in zip(runs, parts, strict=True):
+            if isinstance(data, BaseException):
+                raise data
+            block = np.frombuffer(data, dtype=self.dtype).reshape((r1 - r0, r.size), order="F")
+            out[:, r[0]:r[-1] + 1] = block
+        # Fortran order, as a read of the local file's map gives it: sums over its rows then
+        # round the same way.
+        return out
+
     def _remote_get(self, key: Any) -> np.ndarray:
-        """X[key] for a file at a URL: the rows the key selects are fetched (one byte range
-        spanning them), then indexed in memory."""
+        """X[key] for a file at a URL: the rows the key selects (and in Fortran order only its
+        columns) are fetched, as few byte ranges spanning them, then indexed in memory as
+        NumPy would index the whole array."""
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         M = self.shape[0]
+        sel: Any
         if isinstance(rows, slice) and rows.step in (None, 1):
             r0, r1, _ = rows.indices(M)
-            return np.asarray(self._read_rows(r0, max(r0, r1))[(slice(None), *rest)])
-        ids = np.arange(M)[rows]
-        if ids.size == 0:
-            return np.asarray(np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)])
-        lo = int(ids.min())
-        block = self._read_rows(lo, int(ids.max()) + 1)
-        return np.asarray(block[(ids - lo, *rest)])
+            r1, sel = max(r0, r1), slice(None)
+        else:
+            ids = np.arange(M)[rows]
+            if ids.size == 0:
+                empty = np.empty((0, *self.shape[1:]), self.dtype)
+                return np.asarray(empty[(slice(None), *rest)])
+            r0, r1 = int(ids.min()), int(ids.max()) + 1
+            sel = ids - r0
+        if not (self.fortran_order and self.ndim == 2):
+            return np.asarray(self._read_rows(r0, r1)[(sel, *rest)])
+        if len(rest) > 1:
+            raise IndexError(f"too many indices for a 2-D array: {key!r}")
+        ckey = rest[0] if rest else slice(None)
+        wanted = np.arange(self.shape[1])[ckey]
+        cols = np.unique(wanted)
+        block = self._read_columns(r0, r1, cols)
+        # A column slice stays a slice (basic indexing: no pairing with a row index array).
+        where: Any = (slice(None, None, -1 if (ckey.step or 1) < 0 else 1)
+                      if isinstance(ckey, slice) else np.searchsorted(cols, wanted))
+        return np.asarray(block[sel, where])
 
     def _map(self) -> np.memmap:
         return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,

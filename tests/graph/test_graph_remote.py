@@ -164,10 +164,12 @@ def test_memory_zarr_is_not_described_for_other_processes(local_run, memory_dir)
     assert describe(open_profiles(memory_dir / "profiles")) is None
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("where", ["memory_dir", "s3_dir"])
-def test_npy_at_a_url_reads_like_the_local_file(where, tmp_path, request) -> None:
+def test_npy_at_a_url_reads_like_the_local_file(where, order, tmp_path, request) -> None:
+    """Reads fetch byte ranges: of whole rows (C order) or of the columns read (F order)."""
     remote: UPath = request.getfixturevalue(where)
-    X = np.arange(7 * 5, dtype=np.float32).reshape(7, 5)
+    X = np.asarray(np.arange(7 * 5, dtype=np.float32).reshape(7, 5), order=order)
     np.save(tmp_path / "X.npy", X)
     (remote / "X.npy").write_bytes((tmp_path / "X.npy").read_bytes())
     f = NpyFile.open(remote / "X.npy")
@@ -177,10 +179,12 @@ def test_npy_at_a_url_reads_like_the_local_file(where, tmp_path, request) -> Non
     np.testing.assert_array_equal(f[1:4, 3], X[1:4, 3])
     np.testing.assert_array_equal(f[3], X[3])
     np.testing.assert_array_equal(f[np.array([5, 1])], X[[5, 1]])
+    np.testing.assert_array_equal(f[np.array([5, 1]), np.array([0, 3])], X[[5, 1], [0, 3]])
+    np.testing.assert_array_equal(f[:, 1:4], X[:, 1:4])
     np.testing.assert_array_equal(f.get_orthogonal_selection((slice(2, 7), cols)), X[2:7][:, cols])
     spec = describe(f)
     if where == "memory_dir":
         assert spec is None  # other processes cannot open it
     else:
-        assert spec == SourceSpec("npy", f.path, (7, 5), f.dtype.str, f.offset)
+        assert spec == SourceSpec("npy", f.path, (7, 5), f.dtype.str, f.offset, order == "F")
         np.testing.assert_array_equal(spec.open()[0:7], X)
