@@ -61,3 +61,29 @@ def test_stage_refuses_checkpoint_that_does_not_match_config(tmp_path: Path) -> 
         profiles_stage.run(cfg, tmp_path)
     assert str(tmp_path / "decompose") in str(err.value)
     assert not (tmp_path / "profiles").exists()
+
+
+@pytest.mark.parametrize("store", ["memory_dir", "s3_dir"])
+def test_stage_on_an_object_store_equals_the_local_run(
+        store: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The same run directory, uploaded to memory:// or s3://: the stage harvests the same
+    matrix and table there, and names the URL when the checkpoint does not match."""
+    from scalespd import storage
+
+    run_dir = request.getfixturevalue(store)
+    _write_run_dir(tmp_path / "local", DECOMPOSE)
+    storage.upload_dir(tmp_path / "local", run_dir)
+    cfg = RunConfig(target=TARGET, decompose=DECOMPOSE, profiles=PROFILES)
+    info = profiles_stage.run(cfg, run_dir)
+    assert info["shape"] == [300, 12] and info["n_computed"] == 3
+    profiles_stage.run(cfg, tmp_path / "local")
+    np.testing.assert_array_equal(open_profiles(run_dir / "profiles")[:],
+                                  open_profiles(tmp_path / "local" / "profiles")[:])
+    assert read_components(run_dir / "profiles").equals(
+        read_components(tmp_path / "local" / "profiles"))
+    assert profiles_stage.run(cfg, run_dir)["n_computed"] == 0
+
+    other = DecomposeConfig(modules=[ModuleSpec(pattern="linear*", C=7)])
+    with pytest.raises(ProfilesError) as err:
+        profiles_stage.run(RunConfig(target=TARGET, decompose=other, profiles=PROFILES), run_dir)
+    assert f"{storage.url(run_dir / 'decompose')} does not match" in str(err.value)
