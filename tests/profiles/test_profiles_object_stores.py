@@ -6,6 +6,7 @@ reach an s3:// folder by URL, and a memory:// folder keeps the harvest in this p
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from upath import UPath
 from scalespd import storage
 from scalespd.profiles import open_profiles, read_components
 from scalespd.profiles.harvest import BlockResult, harvest
-from scalespd.profiles.reader import BLOCKS_DIR, CI_FILE, COMPONENTS_FILE, INPUTS_FILE
+from scalespd.profiles.reader import BLOCKS_DIR, CI_FILE, COMPONENTS_FILE, INPUTS_FILE, open_ci
 from scalespd.profiles.sources import RandomRowSource
 from scalespd.profiles.sparse_store import ROWS_GROUP, SparseProfiles, block_name
 from scalespd.profiles.store import block_record_path
@@ -83,6 +84,12 @@ def test_harvest_on_an_object_store_equals_the_local_one(
         assert isinstance(got, SparseProfiles)
         np.testing.assert_array_equal(got.csr_rows(50, 200).toarray(),
                                       open_profiles(ref).csr_rows(50, 200).toarray())
+        # What a graph Ray task gets: the store by URL string, or the reader pickled.
+        by_url = SparseProfiles(storage.url(out / CI_FILE))
+        assert str(by_url.path) == storage.url(out / CI_FILE)
+        np.testing.assert_array_equal(by_url[100:300], got[100:300])
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(got))[:], got[:])
+    np.testing.assert_array_equal(open_ci(storage.url(out / CI_FILE))[:], got[:])
     pd.testing.assert_frame_equal(read_components(out), read_components(ref))
     inputs = zarr.open_group(store=storage.zarr_store(out / INPUTS_FILE, read_only=True),
                              mode="r")
