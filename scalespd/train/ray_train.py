@@ -198,8 +198,25 @@ def _move_aside(path: UPath) -> UPath:
     """Rename `path` (a folder or a file) aside; on an object store a copy and a delete."""
     dest = _aside_name(path)
     with naming_file(storage.url(path)):
-        storage.rename_dir(path, dest)
+        if storage.is_local(path):
+            storage.rename_dir(path, dest)
+        else:
+            _copy_then_remove(path, dest)
     return dest
+
+
+def _copy_then_remove(src: UPath, dest: UPath) -> None:
+    """Move a file or folder on an object store object by object (s3fs's recursive `mv` also
+    tries to copy the folder's own key, which does not exist there)."""
+    fs = src.fs
+    if src.is_file():
+        fs.copy(src.path, dest.path)
+        fs.rm(src.path)
+        return
+    root, to = src.path.rstrip("/"), dest.path.rstrip("/")
+    for found in fs.find(root):
+        fs.copy(found, to + found[len(root):])
+    storage.rmtree(src)
 
 
 def snapshot_problem(snapshot: storage.PathLike) -> str | None:
@@ -779,12 +796,15 @@ def _launch_staged(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
 def _sync_back(src: Path, dest: UPath) -> None:
     """Make the folder `dest` hold what the local folder `src` holds."""
     storage.upload_dir(src, dest)
-    keep = {f.relative_to(src).as_posix() for f in src.rglob("*") if f.is_file()}
     root = dest.path.rstrip("/")
-    for found in dest.fs.find(root):
+    # Deepest first: files and folders the fit removed (memory:// keeps empty folders).
+    for found in sorted(dest.fs.find(root, withdirs=True), reverse=True):
         rel = found[len(root):].lstrip("/")
-        if rel not in keep:
-            dest.fs.rm(found)
+        if rel and not (src / rel).exists():
+            try:
+                dest.fs.rm(found, recursive=True)
+            except FileNotFoundError:
+                pass
 
 
 def _ray_storage(run_dir: UPath) -> dict[str, Any]:
