@@ -188,3 +188,37 @@ def test_npy_at_a_url_reads_like_the_local_file(where, order, tmp_path, request)
     else:
         assert spec == SourceSpec("npy", f.path, (7, 5), f.dtype.str, f.offset, order == "F")
         np.testing.assert_array_equal(spec.open()[0:7], X)
+
+
+def test_graph_stage_on_sparse_profiles_at_a_url(tmp_path, memory_dir) -> None:
+    """The sparse layout of ci.zarr (a harvest's default) read from a URL gives the local
+    graph, byte for byte."""
+    from test_graph_build import _harvest_profiles
+
+    from scalespd.profiles.sparse_store import is_sparse_store
+
+    _harvest_profiles(tmp_path)
+    assert is_sparse_store(tmp_path / "profiles" / CI_FILE)
+    graph_stage.run(_cfg(), tmp_path)
+    storage.upload_dir(tmp_path / "profiles", memory_dir / "profiles")
+    graph_stage.run(_cfg(), memory_dir)
+    _same_graph_output(tmp_path / "graph", memory_dir / "graph")
+
+
+@pytest.mark.parametrize("where", ["memory_dir", "s3_dir"])
+def test_ray_source_scratch_at_a_url(where, request) -> None:
+    """An in-memory matrix converted for Ray tasks: into the scratch folder at an s3:// URL
+    (removed afterwards); a memory:// scratch, which workers cannot see, falls back to a local
+    temporary folder."""
+    from scalespd.graph.source import ray_source
+
+    remote: UPath = request.getfixturevalue(where)
+    X = np.arange(30, dtype=np.float32).reshape(6, 5)
+    with ray_source(X, scratch_dir=remote / "scratch") as spec:
+        assert spec.kind == "zarr"
+        assert storage.is_local(spec.path) == (where == "memory_dir")
+        np.testing.assert_array_equal(np.asarray(spec.open()[:]), X)
+        path = spec.path
+    assert not storage.as_path(path).exists()
+    scratch = remote / "scratch"
+    assert not scratch.exists() or not list(scratch.iterdir())
