@@ -789,12 +789,8 @@ def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                  "" if partial is None else f" (finished blocks only: {partial['finished_blocks']}"
                  f" of {partial['n_blocks']}, {M} of {partial['rows_total']} rows)")
 
-        use_ray = choose_graph(args.executor, alive.size, gcfg.tile_cols) == "ray"
-        if use_ray and not storage.shared_across_processes(profiles):
-            # Ray workers are other processes: they cannot open a memory:// input.
-            log.info("graph: PROFILES %s is visible to this process only; the work runs here, "
-                     "not as Ray tasks", storage.url(profiles))
-            use_ray = False
+        use_ray = choose_graph(args.executor, alive.size, gcfg.tile_cols,
+                               data=profiles) == "ray"
         if use_ray:
             from scalespd.raytools import ensure_ray  # noqa: PLC0415
 

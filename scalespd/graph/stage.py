@@ -76,12 +76,8 @@ def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
             return _manifest_info(old)
 
     device = resolve_device(cfg.graph.device)
-    use_ray = choose_graph(cfg.ray.executor, columns.size, cfg.graph.tile_cols, cfg.ray) == "ray"
-    if use_ray and not storage.shared_across_processes(run_dir):
-        # Ray workers are other processes: they cannot open a memory:// run directory.
-        log.info("graph: %s is visible to this process only; the work runs here, not as Ray "
-                 "tasks", storage.url(run_dir))
-        use_ray = False
+    use_ray = choose_graph(cfg.ray.executor, columns.size, cfg.graph.tile_cols, cfg.ray,
+                           data=run_dir) == "ray"
     if use_ray:
         from scalespd.raytools import ensure_ray  # noqa: PLC0415
 
