@@ -47,11 +47,18 @@ def as_path(where: PathLike) -> UPath:
     `pathlib.Path`), a URL a UPath on its fsspec filesystem (credentials from the environment,
     as fsspec finds them)."""
     if isinstance(where, UPath):
-        return where
+        if where.protocol in LOCAL_PROTOCOLS or where.storage_options.get(
+                "use_listings_cache") is False:
+            return where
+        return UPath(str(where), **{**where.storage_options, "use_listings_cache": False})
     text = os.fspath(where)
     if text.startswith("file://"):
         text = text[len("file://"):]
-    return UPath(text)
+    if "://" not in text:
+        return UPath(text)
+    # No cached directory listings: files appear from other processes (Ray workers) and from
+    # zarr's own filesystem instance, and a stale listing would hide them (s3fs, gcsfs cache).
+    return UPath(text, use_listings_cache=False)
 
 
 def is_local(path: PathLike) -> bool:

@@ -52,7 +52,7 @@ from scalespd.profiles.reader import (
 )
 from scalespd.profiles.sources import RowSource
 from scalespd.profiles.sparse_store import STORAGE as CSR_STORAGE
-from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store, uncached
+from scalespd.profiles.sparse_store import CSRBlock, is_sparse_store
 from scalespd.profiles.sparse_store import remove_temporaries as remove_csr_temporaries
 from scalespd.profiles.stats import ColumnStats, atomic_write_npz, load_npz, merge_all
 from scalespd.profiles.store import (
@@ -560,7 +560,7 @@ def harvest(
     `on_block` is called in this process after each finished block (tests use it to interrupt
     a harvest)."""
     t0 = time.perf_counter()
-    out_dir = uncached(out_dir)
+    out_dir = storage.as_path(out_dir)
     modules = module_table(model)
     n_cols = sum(m["C"] for m in modules)
     layout = BlockLayout.make(source.n_rows, n_cols, cfg.chunk_rows, cfg.chunk_cols,
@@ -678,7 +678,7 @@ def _remove_temporaries(out_dir: UPath) -> None:
 def load_merged_stats(blocks_dir: storage.PathLike, layout: BlockLayout,
                       tau: float) -> ColumnStats:
     """Merge every block's record, in block order; all blocks must be finished."""
-    blocks_dir = uncached(blocks_dir)  # records may come from other processes (Ray actors)
+    blocks_dir = storage.as_path(blocks_dir)  # records may come from other processes (Ray actors)
     missing = [b for b in range(layout.n_blocks) if not block_record_path(blocks_dir, b).exists()]
     if missing:
         raise ProfilesError(f"{storage.url(blocks_dir)}: blocks {missing[:10]} are not finished")

@@ -21,7 +21,7 @@ import pandas as pd
 import zarr
 
 from scalespd import storage
-from scalespd.profiles.sparse_store import SparseProfiles, is_sparse_store, uncached
+from scalespd.profiles.sparse_store import SparseProfiles, is_sparse_store
 from scalespd.profiles.store import ATTR_KEY, ProfilesError
 
 CI_FILE = "ci.zarr"
@@ -41,7 +41,7 @@ def open_profiles(profiles_dir: storage.PathLike,
     """The (M, N) CI matrix of a finished harvest (read-only): a zarr array (dense layout) or a
     `SparseProfiles` (the sparse layout; `csr_rows` gives row blocks as scipy CSR, and it
     offers the dense array's reads too)."""
-    profiles_dir = uncached(profiles_dir)
+    profiles_dir = storage.as_path(profiles_dir)
     path = profiles_dir / CI_FILE
     if not path.exists():
         raise ProfilesError(f"{storage.url(path)} does not exist (run the profiles stage "
@@ -82,7 +82,7 @@ def as_bool(col: pd.Series) -> np.ndarray:
 def read_components(profiles_dir: storage.PathLike) -> pd.DataFrame:
     """The per-component table (one row per column of ci.zarr), indexed by the global column id
     `component` (kept as a column too), in column order. Every id 0..N-1 appears once."""
-    p = uncached(storage.as_path(profiles_dir) / COMPONENTS_FILE)
+    p = storage.as_path(storage.as_path(profiles_dir) / COMPONENTS_FILE)
     path = storage.url(p)  # for messages
     if not p.is_file():
         raise ProfilesError(f"{path} does not exist (run the profiles stage first)")

@@ -140,7 +140,7 @@ def write_block(path: storage.PathLike, b: int, start: int, block: CSRBlock, dty
     if not storage.has_rename(final):
         # An earlier attempt without a completion record: never read, removed whole (a longer
         # one would leave chunks beyond the new arrays' ends).
-        storage.rmtree(uncached(final))
+        storage.rmtree(storage.as_path(final))
         try:
             _write_block_group(final, start, block, dtype, level)
         except BaseException:
@@ -214,7 +214,7 @@ class SparseProfiles:
     def _block(self, b: int) -> tuple[np.ndarray, zarr.Array, zarr.Array]:
         if b not in self._blocks:
             where = self.path / ROWS_GROUP / block_name(b)
-            if not uncached(where / "zarr.json").is_file():
+            if not storage.as_path(where / "zarr.json").is_file():
                 raise FileNotFoundError(f"{storage.url(where)}: row block {b} of "
                                         f"{storage.url(self.path)} was never written (an "
                                         "unfinished harvest)")
@@ -277,19 +277,9 @@ class SparseProfiles:
         return self[rows, np.asarray(cols)]
 
 
-def uncached(path: storage.PathLike) -> UPath:
-    """`path`, with its filesystem's cached listings of it and its parents dropped (s3fs keeps
-    them): objects that zarr (through its own filesystem instance) or another process (a Ray
-    worker) wrote since are then seen by `exists`, `is_file` and `glob`. Local: `path` as is."""
-    p = storage.as_path(path)
-    if not storage.is_local(p):
-        p.fs.invalidate_cache(p.path)
-    return p
-
-
 def is_sparse_store(path: storage.PathLike) -> bool:
     """Whether `path` holds a zarr group (the sparse layout) rather than an array."""
-    meta = uncached(storage.as_path(path) / "zarr.json")
+    meta = storage.as_path(path) / "zarr.json"
     if not meta.is_file():
         return False
     try:

@@ -43,10 +43,11 @@ from zarr.storage import LocalStore
 
 from scalespd import storage
 from scalespd.errors import StageInputError
-from scalespd.profiles.sparse_store import ROWS_GROUP, CSRBlock, is_sparse_store, uncached
+from scalespd.profiles.sparse_store import ROWS_GROUP, CSRBlock, is_sparse_store
 from scalespd.profiles.sparse_store import create_group as create_csr_group
 from scalespd.profiles.sparse_store import write_block as write_csr_block
 from scalespd.profiles.stats import load_npz
+from scalespd.storage import as_path
 
 FORMAT_VERSION = 1
 ATTR_KEY = "scalespd_profiles"
@@ -183,7 +184,7 @@ def check_ci(path: storage.PathLike, layout: BlockLayout, dtype: str,
     """If `path` exists it must be the store this harvest would create (dense: the array's
     shape, dtype, chunks, attributes; sparse: the group's attributes); otherwise a
     ProfilesError names the file and every difference."""
-    path = uncached(path)
+    path = as_path(path)
     if not path.exists():
         return
     if storage == "sparse":
@@ -276,7 +277,7 @@ def create_or_open(
 ) -> zarr.Array | SparseTarget:
     """Create the (M, N) array (dense) or the block group store (sparse), or re-open an existing
     one after `check_ci`. Never overwrites."""
-    path = uncached(path)
+    path = as_path(path)
     if storage == "sparse":
         if path.exists():
             check_ci(path, layout, dtype, attributes, storage)
@@ -314,7 +315,7 @@ def open_ci_for_writing(path: storage.PathLike) -> zarr.Array:
 def _ensure_rows_group(path: UPath) -> None:
     """The rows group of a sparse store whose creation in place (no rename: an object store)
     was cut short after its root document."""
-    if not storage.has_rename(path) and not uncached(path / ROWS_GROUP / "zarr.json").exists():
+    if not storage.has_rename(path) and not (path / ROWS_GROUP / "zarr.json").exists():
         zarr.open_group(store=storage.zarr_store(path), mode="r+").create_group(ROWS_GROUP)
 
 
@@ -330,7 +331,7 @@ def check_inputs(
 ) -> None:
     """If inputs.zarr exists, it must describe the same input set and its field arrays must have
     the shape/dtype/chunks this harvest writes."""
-    path = uncached(path)
+    path = as_path(path)
     if not path.exists():
         return
     where = storage.url(path)
@@ -366,7 +367,7 @@ def create_or_open_inputs(
     owns the same rows there. None when the source has no row fields."""
     if not fields:
         return None
-    path = uncached(path)
+    path = as_path(path)
     check_inputs(path, layout, fields, describe)
 
     def add_arrays(group: zarr.Group) -> None:
@@ -392,12 +393,12 @@ def create_or_open_inputs(
 
 
 def block_record_path(blocks_dir: storage.PathLike, b: int) -> UPath:
-    return storage.as_path(blocks_dir) / f"block_{b:07d}.npz"
+    return as_path(blocks_dir) / f"block_{b:07d}.npz"
 
 
 def finished_blocks(blocks_dir: storage.PathLike, layout: BlockLayout) -> set[int]:
     """Blocks with a completion record; a record that does not fit the layout is an error."""
-    blocks_dir = uncached(blocks_dir)  # records may come from other processes (Ray actors)
+    blocks_dir = as_path(blocks_dir)  # records may come from other processes (Ray actors)
     done: set[int] = set()
     if not blocks_dir.exists():
         return done
