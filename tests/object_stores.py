@@ -14,8 +14,10 @@ from upath import UPath
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 for the whole session, with the environment that fsspec
-    (s3fs), boto and pyarrow read set to it: fake credentials, the endpoint, a region. Also
-    exported so Ray workers started afterwards find the same server."""
+    (s3fs), boto and pyarrow read set to it: fake credentials, the endpoint, a region. Ray
+    worker processes inherit the environment when Ray starts, so a Ray this session started
+    earlier is restarted: its workers (Ray Train, harvest actors, graph tasks) must reach the
+    same server, as the nodes of a cluster reach their bucket."""
     from moto.server import ThreadedMotoServer  # noqa: PLC0415
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -27,6 +29,7 @@ def s3_endpoint() -> Iterator[str]:
            "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _restart_ray()
     try:
         yield endpoint
     finally:
@@ -36,6 +39,15 @@ def s3_endpoint() -> Iterator[str]:
             else:
                 os.environ[k] = v
         server.stop()
+
+
+def _restart_ray() -> None:
+    import ray  # noqa: PLC0415
+    from conftest import start_test_ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        ray.shutdown()
+        start_test_ray()
 
 
 @pytest.fixture

@@ -21,8 +21,18 @@ OVERRIDES = ["target.train.steps=2000", "decompose.steps=300", "decompose.save_e
              "decompose.log_every=100", "profiles.n_samples=2048"]
 # Files whose bytes depend on when or where the run happened, not on what it computed.
 VARIES = {"manifest.json", "decompose/attempts.jsonl", "decompose/progress.json"}
-SAME_BYTES = ["profiles/components.csv", "spectral/clusters.csv", "graph/labels.npy",
-              "decompose/final/meta.json", "target/meta.json"]
+SAME_BYTES = ["profiles/components.csv", "spectral/clusters.csv", "graph/labels.npy"]
+# JSON records that also hold how long their stage took.
+SAME_JSON = ["target/meta.json", "decompose/final/meta.json"]
+
+
+def _untimed(obj: object) -> object:
+    """`obj` without its timings ("seconds" fields)."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
 
 
 def _files(root: UPath) -> dict[str, bytes]:
@@ -47,8 +57,9 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 def _check_same(remote: dict[str, bytes], local: dict[str, bytes]) -> None:
     assert sorted(remote) == sorted(local)
     for name in SAME_BYTES:
-        if name in local:
-            assert remote[name] == local[name], name
+        assert remote[name] == local[name], name
+    for name in SAME_JSON:
+        assert _untimed(json.loads(remote[name])) == _untimed(json.loads(local[name])), name
     summary_l = json.loads(local["report/summary.json"])
     summary_r = json.loads(remote["report/summary.json"])
     for key in ("n_alive", "n_edges", "cluster_sizes", "ground_truth", "quality"):
