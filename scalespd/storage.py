@@ -175,14 +175,23 @@ def remove(path: PathLike) -> None:
 
 
 def rename_dir(src: PathLike, dst: PathLike) -> None:
-    """Move the folder `src` to `dst` (which must not exist): atomic on a local disk; on an
-    object store a copy then a delete (used only where a half-moved folder is harmless, e.g.
-    setting a damaged checkpoint aside)."""
+    """Move the file or folder `src` to `dst` (which must not exist): atomic on a local disk; on
+    an object store a copy, object by object, then a delete (used only where a half-moved folder
+    is harmless, e.g. setting a damaged checkpoint aside). s3fs's own recursive `mv` also tries
+    to copy the folder's key, which does not exist on an object store."""
     s, d = as_path(src), as_path(dst)
     if is_local(s):
         os.replace(local_path(s), local_path(d))
-    else:
-        s.fs.mv(s.path, d.path, recursive=True)
+        return
+    fs = s.fs
+    if s.is_file():
+        fs.copy(s.path, d.path)
+        fs.rm(s.path)
+        return
+    root, to = s.path.rstrip("/"), d.path.rstrip("/")
+    for found in fs.find(root):
+        fs.copy(found, to + found[len(root):])
+    rmtree(s)
 
 
 # --------------------------------------------------------------------------------------------

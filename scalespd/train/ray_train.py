@@ -198,25 +198,8 @@ def _move_aside(path: UPath) -> UPath:
     """Rename `path` (a folder or a file) aside; on an object store a copy and a delete."""
     dest = _aside_name(path)
     with naming_file(storage.url(path)):
-        if storage.is_local(path):
-            storage.rename_dir(path, dest)
-        else:
-            _copy_then_remove(path, dest)
+        storage.rename_dir(path, dest)
     return dest
-
-
-def _copy_then_remove(src: UPath, dest: UPath) -> None:
-    """Move a file or folder on an object store object by object (s3fs's recursive `mv` also
-    tries to copy the folder's own key, which does not exist there)."""
-    fs = src.fs
-    if src.is_file():
-        fs.copy(src.path, dest.path)
-        fs.rm(src.path)
-        return
-    root, to = src.path.rstrip("/"), dest.path.rstrip("/")
-    for found in fs.find(root):
-        fs.copy(found, to + found[len(root):])
-    storage.rmtree(src)
 
 
 def snapshot_problem(snapshot: storage.PathLike) -> str | None:

@@ -163,24 +163,7 @@ def test_ray_on_a_memory_folder_runs_in_process(memory_dir: UPath) -> None:
     assert {r.pid for r in res.block_results} == {os.getpid()}
 
 
-@pytest.fixture
-def ray_with_s3(s3_endpoint: str, ray_local: Any) -> Any:
-    """The session's Ray, with workers that reach the S3 server: a Ray started before the
-    server (by an earlier test) has workers without its environment, so it is restarted."""
-    import ray
-    from conftest import start_test_ray
-
-    @ray.remote(num_cpus=0)
-    def endpoint() -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3_endpoint:
-        ray.shutdown()
-        start_test_ray()
-    return ray
-
-
-def test_ray_actors_resume_an_s3_folder(s3_dir: UPath, ray_with_s3: Any,
+def test_ray_actors_resume_an_s3_folder(s3_dir: UPath, ray_local: Any,
                                         local_runs: dict[str, Path]) -> None:
     """A harvest interrupted in this process is resumed by Ray actors, which get the folder as
     an s3:// URL and reopen it there; the driver then sees the records and objects they wrote

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -161,24 +160,6 @@ def test_a_process_local_run_dir_is_staged_through_a_local_folder(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_s3(s3_endpoint: str, request: pytest.FixtureRequest) -> Any:
-    """The session's local Ray, started (or restarted) after the S3 server so that its worker
-    processes inherit the endpoint and credentials from the environment."""
-    from conftest import start_test_ray  # noqa: PLC0415
-
-    ray = request.getfixturevalue("ray_local")
-
-    @ray.remote
-    def endpoint() -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3_endpoint:
-        ray.shutdown()
-        start_test_ray()
-    return ray
-
-
 def _model_state(run_dir: UPath) -> dict[str, dict[str, torch.Tensor]]:
     return torch.load(io.BytesIO((final_dir(run_dir) / "model.pt").read_bytes()),
                       weights_only=True)
@@ -189,7 +170,7 @@ def _attempts(run_dir: UPath) -> list[tuple[int, bool]]:
     return [(a["start_step"], a["resumed"]) for a in map(json.loads, text.splitlines())]
 
 
-def test_decompose_on_s3_resumes_and_matches_a_memory_run(ray_s3: Any, s3_dir: UPath,
+def test_decompose_on_s3_resumes_and_matches_a_memory_run(ray_local: Any, s3_dir: UPath,
                                                           memory_dir: UPath) -> None:
     cfg = _cfg()
     for run_dir in (s3_dir, memory_dir):
