@@ -172,13 +172,15 @@ def _ray_stats(spec: SourceSpec, n_rows: int, columns: np.ndarray, cfg: GraphCon
 
 def _ray_blocks(
     src: TileSource, spec: SourceSpec, k: int, threshold: float, device: str, todo: list[int],
-    peaks: list[float] | None = None,
+    peaks: list[float] | None = None, gpus_per_task: float = 1.0,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Row blocks `todo` of `src` as Ray tasks that read the matrix through `spec`; yields
-    (a, values, ids) as tasks finish and appends each worker's peak RSS to `peaks`."""
+    """Row blocks `todo` of `src` as Ray tasks that read the matrix through `spec` (each
+    reserving `gpus_per_task` GPUs on CUDA); yields (a, values, ids) as tasks finish and appends
+    each worker's peak RSS to `peaks`."""
     import ray  # noqa: PLC0415
 
-    task = ray.remote(_ray_block_task).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
+    task = ray.remote(_ray_block_task).options(
+        num_cpus=1, num_gpus=gpus_per_task if device == "cuda" else 0)
     # (n,) vectors shared by every task: put once rather than pickled into each.
     shared = [ray.put(x) for x in (src.columns, src.mean, src.scale)]
     geometry = (src.n_rows, src.tile_cols, src.row_chunk)
@@ -240,6 +242,7 @@ def _pass2_key(src: TileSource, k: int, threshold: float) -> str:
 def pass2_topk(
     src: TileSource, k: int, threshold: float, device: str, spec: SourceSpec | None,
     checkpoint: UPath | None, checkpoint_every_s: float, peaks: list[float],
+    gpus_per_task: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pass 2: all row blocks merged into (n, k) top-k values and ids, as Ray tasks reading the
     matrix through `spec`, or in this process when spec is None; resumable from `checkpoint`.
@@ -249,7 +252,7 @@ def pass2_topk(
                      len(panels), checkpoint_every_s)
     todo = [a for a in range(len(panels)) if not ck.done[a]]
     if spec is not None:
-        results = _ray_blocks(src, spec, k, threshold, device, todo, peaks)
+        results = _ray_blocks(src, spec, k, threshold, device, todo, peaks, gpus_per_task)
     else:
         xp = array_module(device)  # type: ignore[arg-type]
         # A generator, so each block sees the floors (current k-th values) merged so far.
@@ -275,7 +278,7 @@ def _sparse_block_rows(X: Any, n_rows: int, row_chunk: int) -> int:
 def _sparse_pass2(
     X: Any, columns: np.ndarray, stats: ZStats, active: np.ndarray, plan: SparsePlan,
     threshold: float, k: int, row_chunk: int, device: str, checkpoint: UPath | None,
-    checkpoint_every_s: float, use_ray: bool = False,
+    checkpoint_every_s: float, use_ray: bool = False, gpus_per_task: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sparse pass 2 over the non-constant columns `columns` (= cols[active]), resumable
     from `checkpoint` like the dense one (its key names the sparse path, so a checkpoint of
@@ -288,7 +291,7 @@ def _sparse_pass2(
     source = (describe(X) or X) if use_ray and len(plan.groups) > 1 else None
     return sparse_topk(X, columns, mean, std, plan, threshold, k, row_chunk,
                        device,  # type: ignore[arg-type]
-                       checkpoint=ck, ray_source=source)
+                       checkpoint=ck, ray_source=source, gpus_per_task=gpus_per_task)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +308,7 @@ def build_graph(
     checkpoint: storage.PathLike | None = None,
     checkpoint_every_s: float = 60.0,
     scratch_dir: storage.PathLike | None = None,
+    gpus_per_task: float = 1.0,
 ) -> GraphResult:
     """The correlation k-NN graph of the columns `columns` of X.
 
@@ -321,7 +325,8 @@ def build_graph(
     system temp directory when None), logged and removed at the end. The sparse path and the
     statistics of a sparse input run in this process. checkpoint: a file where pass 2 saves
     its merged lists every `checkpoint_every_s` seconds and resumes from (when it belongs to
-    the same inputs and path); the caller removes it when done.
+    the same inputs and path); the caller removes it when done. gpus_per_task: what each Ray
+    task reserves when the tile math runs on CUDA (ray.gpus_per_task).
 
     Raises ValueError for a non-2-D or non-numeric X, fewer than 2 rows, an empty / repeated /
     out-of-range column selection, NaN or inf values in the selected columns, and
@@ -402,7 +407,7 @@ def build_graph(
             if path == "sparse" and plan is not None:
                 vals, idx = _sparse_pass2(X, cols[active], stats, active, plan, threshold,
                                           k_search, cfg.row_chunk, dev, ck_path,
-                                          checkpoint_every_s, use_ray)
+                                          checkpoint_every_s, use_ray, gpus_per_task)
             else:
                 if use_ray and spec is None:
                     spec = stack.enter_context(ray_source(X, scratch_dir))
@@ -412,7 +417,7 @@ def build_graph(
                     n_rows, cfg.tile_cols, cfg.row_chunk,
                 )
                 vals, idx = pass2_topk(src, k_search, threshold, dev, spec, ck_path,
-                                       checkpoint_every_s, peaks)
+                                       checkpoint_every_s, peaks, gpus_per_task)
         if pair_threshold is not None:
             before = int((idx >= 0).sum())
             vals, idx = filter_pairs(vals, idx, stats.max_abs_z[active], pair_threshold, k)

@@ -253,7 +253,7 @@ def plan_key(columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: Spars
 def sparse_topk(
     X: Any, columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan,
     threshold: float, k: int, piece_rows: int, device: Device = "cpu",
-    checkpoint: Any | None = None, ray_source: Any | None = None,
+    checkpoint: Any | None = None, ray_source: Any | None = None, gpus_per_task: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, k) float64 values and int64 local ids of the top-k lists of the n non-constant
     columns `columns` (local order), best first (-inf / -1 padding), from every pass of `plan`.
@@ -262,13 +262,14 @@ def sparse_topk(
     done per pass, block_done(g)) or None. ray_source: None (passes run here, one after
     another), or how Ray tasks reach X — a `SourceSpec` they open, or X itself (an in-memory
     matrix, put in the object store once): then every pass is one Ray task (passes are
-    independent, and top-k lists in total order merge in any order, so the result is the same)."""
+    independent, and top-k lists in total order merge in any order, so the result is the same),
+    reserving `gpus_per_task` GPUs on CUDA."""
     n = columns.size
     ck = checkpoint if checkpoint is not None else _Lists(n, k, len(plan.groups))
     todo = [g for g in range(len(plan.groups)) if not ck.done[g]]
     if ray_source is not None:
         results = _ray_groups(ray_source, columns, mean, std, plan, todo, threshold, k,
-                              piece_rows, device)
+                              piece_rows, device, gpus_per_task)
     else:
         results = ((g, *group_topk(X, columns, mean, std, plan, g, threshold, k, piece_rows,
                                    device)) for g in todo)
@@ -294,13 +295,14 @@ def _ray_group_task(
 def _ray_groups(
     source: Any, columns: np.ndarray, mean: np.ndarray, std: np.ndarray, plan: SparsePlan,
     todo: list[int], threshold: float, k: int, piece_rows: int, device: Device,
+    gpus_per_task: float = 1.0,
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """Passes `todo` as Ray tasks (one each, at most one CPU or GPU each); yields their lists
-    as they finish. The (n,) vectors and the plan are put in the object store once."""
+    """Passes `todo` as Ray tasks (one each: one CPU, or `gpus_per_task` GPUs on CUDA); yields
+    their lists as they finish. The (n,) vectors and the plan are put in the object store once."""
     import ray  # noqa: PLC0415
 
-    task = ray.remote(_ray_group_task).options(num_cpus=1,
-                                                num_gpus=1 if device == "cuda" else 0)
+    task = ray.remote(_ray_group_task).options(
+        num_cpus=1, num_gpus=gpus_per_task if device == "cuda" else 0)
     shared = [ray.put(x) for x in (source, columns, mean, std, plan)]
     # One list of arguments: Ray's typed `.remote` overloads stop at 9 parameters.
     args: list[list[Any]] = [[*shared, g, threshold, k, piece_rows, device] for g in todo]

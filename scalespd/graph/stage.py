@@ -84,7 +84,8 @@ def run(cfg: RunConfig, run_dir: UPath) -> dict[str, Any]:
         ensure_ray(cfg.ray)
     checkpoint = out / CHECKPOINT
     result: GraphResult = build_graph(X, cfg.graph, columns, device=device, use_ray=use_ray,
-                                      checkpoint=checkpoint)
+                                      checkpoint=checkpoint,
+                                      gpus_per_task=cfg.ray.gpus_per_task)
     result.summary["source"] = source
     result.save(out)
     checkpoint.unlink(missing_ok=True)
