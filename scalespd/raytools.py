@@ -82,11 +82,22 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
             object_store_memory=cfg.object_store_memory,
             include_dashboard=False,
             log_to_driver=True,
-            runtime_env={"worker_process_setup_hook": "scalespd.raytools.quiet_local_workers"},
+            runtime_env={
+                "worker_process_setup_hook": "scalespd.raytools.quiet_local_workers",
+                "env_vars": {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV,
+                                                             LOCAL_TRAIN_POLL_S)},
+            },
         )
 
 
 _AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
+
+# How often Ray Train's controller polls its workers on a local Ray (Ray's default: 2 s). Each
+# fit waits for a few polls to start the worker group and one to see it finish; on one machine
+# a poll costs nothing, and 0.2 s makes a short decomposition ~6 s faster (the default run:
+# 22 s -> 16 s for its decompose stage). On a cluster Ray's own setting stays.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_TRAIN_POLL_S = "0.2"
 
 # Without a dashboard (a local Ray) the State API is off, and Ray Train's placement-group
 # cleaner logs a warning about it every few seconds of training (47 lines in the default run).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from scalespd import raytools
 from scalespd import run as runmod
 from scalespd.config import RunConfig
 
@@ -17,6 +18,9 @@ pytest_plugins = ["tests.object_stores"]
 
 # Two cores: keep torch from oversubscribing them when Ray workers also run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every Ray the tests start (in-process, `ray start`, CLI subprocesses) polls Ray Train's
+# workers as often as the local Ray that scalespd starts does (scalespd/raytools.py).
+os.environ.setdefault(raytools.TRAIN_POLL_ENV, raytools.LOCAL_TRAIN_POLL_S)
 
 
 def start_test_ray() -> None:
