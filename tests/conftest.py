@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,16 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         monkeypatch.setitem(runmod.STAGE_MODULES, stage, f"fake_{stage}")
     monkeypatch.setattr(runmod, "validate_run", lambda cfg, stages=(): None)
     return calls
+
+
+@pytest.fixture(scope="module")
+def hf_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the Arrow caches of a module's small files out of the user's HF cache. (datasets
+    is imported here, not at the top: tests/targets/test_targets_lm.py sets the environment
+    before datasets first reads it.)"""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE",
+                   str(tmp_path_factory.mktemp("hf_datasets_cache")))
+        yield

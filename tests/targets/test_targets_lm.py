@@ -19,7 +19,6 @@ import gzip
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -56,14 +55,7 @@ from scalespd.targets.lm import (
 )
 from scalespd.targets.lm.stage import run as run_lm_stage
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep the Arrow caches of this module's small files out of the user's HF cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE",
-                   str(tmp_path_factory.mktemp("hf_datasets_cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("hf_datasets_cache")
 
 
 @pytest.fixture(scope="module")

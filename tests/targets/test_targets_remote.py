@@ -11,11 +11,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pytest
 import torch
 from lm_models import template_docs
@@ -34,13 +32,7 @@ REMOTE = ["memory_dir", "s3_dir"]
 _TIMING = {"seconds", "seconds_per_step"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep the Arrow caches of this module's small files out of the user's HF cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE",
-                   str(tmp_path_factory.mktemp("hf_datasets_cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("hf_datasets_cache")
 
 
 def _files(root: Path | UPath) -> dict[str, bytes]:
