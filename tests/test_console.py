@@ -1,5 +1,5 @@
 """The default run's console, as a new user sees it: `python -m scalespd.run` on the built-in
-default config (the full run, ~1.5 min on 2 cores: warnings that repeat every few seconds of
+default config (the full run, under a minute on 2 cores: warnings that repeat every few seconds of
 training only show in a run of realistic length), stdout and stderr together.
 
 It must end well and stay readable: no line printed twice (after removing what legitimately
