@@ -1,5 +1,6 @@
-"""A Ray worker killed in the middle of a graph or spectral task: Ray retries the task and the
-result equals an undisturbed run's (issue 15)."""
+"""A Ray worker killed in the middle of a graph or spectral task, or a harvest actor's process
+killed in the middle of a block: Ray retries the work and the result equals an undisturbed
+run's (issue 15)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from ray_faults import marker
 from synthetic_graph import planted_profiles
 from synthetic_spectral import planted_graph
 
-from scalespd.config import GraphConfig, SpectralConfig
+from scalespd.config import GraphConfig, ProfilesConfig, SpectralConfig
 from scalespd.graph.build import build_graph
+from scalespd.profiles.harvest import harvest
+from scalespd.profiles.sources import RandomRowSource
+from scalespd.profiles.synthetic import SyntheticCIModel
 from scalespd.spectral.tasks import cluster_graph_detailed
 
 TESTS = Path(__file__).resolve().parent
 GRAPH_TASK = "scalespd.graph.build:_ray_block_task"
 SPECTRAL_TASK = "scalespd.spectral.tasks:solve_batch"
+HARVEST_BLOCK = "scalespd.profiles.harvest:run_block"  # what a harvest actor runs per block
+KILLED = (GRAPH_TASK, SPECTRAL_TASK, HARVEST_BLOCK)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +41,7 @@ def killing_ray(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000,
              log_to_driver=False, runtime_env={
                  "env_vars": {"PYTHONPATH": path, "SCALESPD_KILL_MARKER": str(prefix),
-                              "SCALESPD_KILL_TASKS": f"{GRAPH_TASK},{SPECTRAL_TASK}"},
+                              "SCALESPD_KILL_TASKS": ",".join(KILLED)},
                  "worker_process_setup_hook": "ray_faults.setup"})
     yield prefix
     ray.shutdown()
@@ -68,3 +74,26 @@ def test_killed_spectral_task_is_retried_and_the_clusters_are_unchanged(killing_
     assert marker(killing_ray, SPECTRAL_TASK).exists()
     np.testing.assert_array_equal(got.labels, undisturbed.labels)
     assert got.spectra == undisturbed.spectra
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_killed_harvest_actor_is_restarted_and_the_profiles_are_unchanged(
+        killing_ray, tmp_path: Path) -> None:
+    model = SyntheticCIModel(6, [("enc", 7), ("mid.0", 5), ("dec", 4)], seed=0)
+    source = RandomRowSource(300, 6, seed=3, p=0.5, save_inputs=True)  # 5 blocks of 64 rows
+    cfg = ProfilesConfig(chunk_rows=32, block_rows=64, chunk_cols=6, batch_rows=24,
+                         device="cpu", zero_below=0.05, max_concurrency=2)
+    undisturbed = harvest(model, source, tmp_path / "local", cfg.model_copy(
+        update={"executor": "local"}))
+    got = harvest(model, source, tmp_path / "ray", cfg.model_copy(update={"executor": "ray"}))
+    assert got.executor == "ray" and got.n_computed == undisturbed.n_computed == 5
+    assert marker(killing_ray, HARVEST_BLOCK).exists()  # an actor's process really died
+    # The matrix, the inputs and the table, byte for byte, and nothing half-written left over.
+    for name in ("ci.zarr", "inputs.zarr"):
+        assert _files(tmp_path / "ray" / name) == _files(tmp_path / "local" / name), name
+    assert (tmp_path / "ray" / "components.csv").read_bytes() == \
+        (tmp_path / "local" / "components.csv").read_bytes()

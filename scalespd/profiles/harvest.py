@@ -439,6 +439,9 @@ def _run_on_ray(
         n_actors = min(cfg.max_concurrency or cpus, len(todo))
         opts = {"num_cpus": 1}
         threads = max(1, cpus // n_actors)
+    # A worker process that dies (a crash, the OOM killer, a lost node) is restarted and its
+    # block run again: a block is written whole or rewritten (its completion record comes last).
+    opts.update(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     remote_cls = ray.remote(_HarvestWorker)
     model_ref = ray.put(model.to("cpu") if isinstance(model, torch.nn.Module) else model)
     actors = [
@@ -492,6 +495,9 @@ def _schedule(actors: list[Any], todo: list[int]) -> Iterator[BlockResult]:
         submit(actor)
         yield result
 
+
+# How often a harvest actor's process may die and be restarted (its block retried) in one run.
+ACTOR_RESTARTS = 3
 
 # How long a failed harvest waits for the other actors' blocks in flight before it stops them.
 _DRAIN_TIMEOUT_S = 300.0
@@ -639,6 +645,8 @@ def harvest(
             if on_block is not None:
                 on_block(r)
 
+    if executor == "ray":
+        _remove_temporaries(out_dir)  # what an actor that died and was restarted left half-done
     stats = load_merged_stats(blocks_dir, layout, cfg.tau)
     table = write_components(out_dir / COMPONENTS_FILE, modules, stats, cfg.tau)
     res = HarvestResult(out_dir, (layout.n_rows, n_cols), layout.n_blocks, len(results),
@@ -673,6 +681,10 @@ def _remove_temporaries(out_dir: UPath) -> None:
     if is_sparse_store(out_dir / CI_FILE):
         for p in remove_csr_temporaries(out_dir / CI_FILE):
             log.info("profiles: removed %s, left by an interrupted harvest", storage.url(p))
+    elif storage.is_local(out_dir) and (out_dir / CI_FILE).is_dir():
+        # The dense layout's direct chunk writes (`ChunkWriter`): a chunk file cut short.
+        for partial in storage.local_path(out_dir / CI_FILE).rglob(".*.partial"):
+            partial.unlink(missing_ok=True)
 
 
 def load_merged_stats(blocks_dir: storage.PathLike, layout: BlockLayout,
