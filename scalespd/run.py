@@ -411,7 +411,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config, each field with its meaning, and exit "
                         "(the reference: docs/config.md)")
-    p.add_argument("--run-dir", type=as_path,
+    p.add_argument("--run-dir",
                    help="run directory: a local path or an fsspec URL such as s3://bucket/runs/x "
                         "(default: runs/<name>)")
     p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages")
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(commented_yaml(cfg))
             return 0
-        run_dir = args.run_dir or as_path("runs") / cfg.name
+        run_dir = as_path(args.run_dir) if args.run_dir else as_path("runs") / cfg.name
         manifest = run_pipeline(cfg, run_dir, args.stages, args.force)
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED_MESSAGE}", file=sys.stderr)

@@ -33,9 +33,11 @@ from typing import IO, Any
 
 from upath import UPath
 
-from scalespd.errors import naming_file
+from scalespd.errors import StorageError, naming_file
 
 LOCAL_PROTOCOLS = ("", "file", "local")
+# scalespd's optional extras that bring a protocol's fsspec filesystem (pyproject.toml).
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 # Filesystems whose contents live in the memory of one process.
 PROCESS_LOCAL_PROTOCOLS = ("memory",)
 
@@ -56,9 +58,19 @@ def as_path(where: PathLike) -> UPath:
         text = text[len("file://"):]
     if "://" not in text:
         return UPath(text)
-    # No cached directory listings: files appear from other processes (Ray workers) and from
-    # zarr's own filesystem instance, and a stale listing would hide them (s3fs, gcsfs cache).
-    return UPath(text, use_listings_cache=False)
+    try:
+        # No cached directory listings: files appear from other processes (Ray workers) and
+        # from zarr's own filesystem instance, and a stale listing would hide them (s3fs and
+        # gcsfs cache them).
+        p = UPath(text, use_listings_cache=False)
+        p.fs  # noqa: B018 - the filesystem is made here, so a missing package is named now
+    except (ImportError, ValueError) as err:
+        protocol = text.split("://", 1)[0]
+        extra = EXTRAS.get(protocol)
+        how = (f'pip install "scalespd[{extra}]"' if extra else
+               "install the fsspec filesystem package for it")
+        raise StorageError(f"{text}: cannot open {protocol}:// locations ({err}); {how}") from None
+    return p
 
 
 def is_local(path: PathLike) -> bool:
