@@ -10,8 +10,11 @@ procedures, in the same run:
 - union:    union k-NN, one data-derived threshold, no always-on group, k-means (scalespd's
             previous default);
 - mutual:   as union but mutual k-NN (the previous toy configs);
-- relative: the default (per-pair thresholds, relative-strength edges, always-on group joined,
-            cluster_qr labels).
+- relative: the default (per-pair thresholds, relative-strength edges, containment edges
+            dropped, always-on group joined, cluster_qr labels);
+- relative, all edges: the default without the containment test (edge_mass_ratio None) and
+            with every always-on pair linked (join_all): the default before issue 13's
+            lone+hubs / many-small fix.
 
 Per entry: mechanisms recovered / ARI against the ground truth, the dense subcomponents' cluster,
 seed stability (min ARI between 5 seeds) and the graph + spectral wall time.
@@ -44,11 +47,12 @@ from scalespd.graph import build_graph  # noqa: E402
 from scalespd.report.groundtruth import FeatureAssignment, score_clustering  # noqa: E402
 from scalespd.spectral.clustering import cluster_alive  # noqa: E402
 
-OLD = {"always_on_fraction": None, "assign_labels": "kmeans"}
+OLD = {"always_on_fraction": None, "assign_labels": "kmeans", "edge_mass_ratio": None}
 PROCEDURES: dict[str, tuple[dict, dict]] = {
     "paper": ({"neighbours": "mutual", "edge_threshold": 0.0}, OLD),
     "union": ({"neighbours": "union", "null_model": "bennett"}, OLD),
     "mutual": ({"neighbours": "mutual", "null_model": "bennett"}, OLD),
+    "relative, all edges": ({}, {"edge_mass_ratio": None, "always_on_grouping": "join_all"}),
     "relative": ({}, {}),
 }
 

@@ -590,13 +590,29 @@ class SpectralConfig(Cfg):
     """A frequent subcomponent whose strongest correlation reaches this has a partner and is
     clustered like any other (TMS features active on up to 60% of the structured inputs have
     partners at 0.71 and above); 1: every frequent subcomponent is always-on."""
-    always_on_grouping: Literal["join", "single", "connected"] = "join"
-    """How the always-on subcomponents are grouped. "join" (default): they are linked to each
-    other in the graph (edges at the median edge weight) and clustered with everything else, so
-    they form one cluster unless their own links tie them to a larger one (hub subcomponents
-    that also correlate with the other hubs stay with them); "single": taken out of the graph as
-    one cluster of all of them; "connected": taken out, one cluster per connected set of them in
-    the k-NN graph (isolated ones become singletons)."""
+    always_on_grouping: Literal["join", "join_all", "single", "connected"] = "join"
+    """How the always-on subcomponents are grouped. "join" (default): each always-on
+    subcomponent without an edge to another always-on one is linked to every other always-on
+    subcomponent (at the median edge weight) and all are clustered with everything else, so the
+    unlinked ones (TMS identity: correlations with each other from -0.36 to 0.17) form one
+    cluster, while always-on subcomponents already linked to each other keep only their own
+    links: two groups held together by their own correlations stay apart (planted many-small:
+    20 hubs active on 63-94% of the rows next to a separate always-on group; ARI 0.96 with
+    "join_all", 0.996 with "join"). "join_all": every pair of them is linked (the previous
+    default); "single": taken out of the graph as one cluster of all of them; "connected": taken
+    out, one cluster per connected set of them in the k-NN graph (isolated ones become
+    singletons)."""
+    edge_mass_ratio: Annotated[float, Field(ge=1, strict=True)] | None = 4.0
+    """Containment test: an edge is dropped before clustering when the second moments E[x^2] of
+    its two subcomponents' profiles (their importance mass, from the graph's column mean and
+    std) differ by more than this factor. Members of one mechanism fire on the same inputs, so
+    their masses differ only by their levels (at most 3.4x on every toy run, although TMS
+    encoder/decoder pairs differ 13-25x in firing *rate*); a hub that serves many mechanisms
+    carries several times the mass of each member whose inputs it contains and correlates with
+    it as strongly as with other hubs (resid_mlp1's feature-to-mlp_out links: 4.9-58x; planted
+    lone-to-hub links: 2-17x). Measured 2.5-8: 3 splits TMS 40-10 pairs (32 of 40); 4-8 keep
+    every toy and planted target (README "Clustering default"). None: keep every edge (the
+    paper's setting)."""
     alternative_always_on_fraction: Probability | None = 0.5
     """"Report both": the graph is clustered a second time with the other always-on setting
     (spectral/clusters_alternative.csv) when some alive subcomponent is always-on under either

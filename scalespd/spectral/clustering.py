@@ -6,11 +6,19 @@ Always-on option (cfg.always_on_fraction, on by default): nodes active (CI > tau
 that fraction of the inputs whose strongest correlation with any other node stays below
 cfg.always_on_max_corr ("frequent and unpartnered": the TMS identity, near-constant always-active
 pathways) correlate weakly with everything and would otherwise be spread over the feature
-clusters (the clustering paper's TMS 5-2+ID failure case). With grouping "join" (default) they
-are linked to each other in the graph and clustered with the rest, so they form one cluster
-unless their own edges tie them to others; "single" takes them out as one cluster of all of
-them, "connected" as one cluster per connected set of them in the k-NN graph (their edges to
-other nodes are dropped in both).
+clusters (the clustering paper's TMS 5-2+ID failure case). With grouping "join" (default) each
+of them without an edge to another always-on node is linked to every other always-on node and
+all are clustered with the rest, so they form one cluster unless their own edges tie them to
+others, and groups of always-on nodes already linked among themselves stay apart ("join_all"
+links every pair of them); "single" takes them out as one cluster of all of them, "connected"
+as one cluster per connected set of them in the k-NN graph (their edges to other nodes are
+dropped in both).
+
+Containment edges (cfg.edge_mass_ratio, on by default): before anything else, an edge whose two
+nodes' second moments E[x^2] = std^2 + mean^2 differ by more than that factor is dropped — a
+hub that serves many mechanisms correlates with a member whose inputs it contains as strongly
+as with other hubs, but carries several times its mass; members of one mechanism fire on the
+same inputs and differ only by their levels.
 
 Modes:
 - per_component (default): spectral clustering of every connected piece; isolated nodes
@@ -98,13 +106,39 @@ def always_on_nodes(graph: GraphResult, cfg: SpectralConfig,
     return (np.asarray(frac_active) > cfg.always_on_fraction) & unpartnered
 
 
-def join_nodes(W: sp.csr_matrix, on: np.ndarray) -> sp.csr_matrix:
-    """W (n, n) with every pair of the `on` nodes linked at the median edge weight of W (1 if W
-    has no edges); existing heavier links stay. O(a^2) new entries for a always-on nodes."""
+def drop_containment_edges(W: sp.csr_matrix, mean: np.ndarray, std: np.ndarray,
+                           ratio: float) -> tuple[sp.csr_matrix, int]:
+    """W (n, n) without the edges whose endpoints' second moments E[x^2] = std^2 + mean^2 (n,)
+    differ by more than `ratio` (see SpectralConfig.edge_mass_ratio), and the number of
+    undirected edges dropped. O(nnz)."""
+    W = sp.csr_matrix(W)
+    m2 = np.asarray(std, dtype=np.float64) ** 2 + np.asarray(mean, dtype=np.float64) ** 2
+    rows = np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))
+    lo = np.minimum(m2[rows], m2[W.indices])
+    hi = np.maximum(m2[rows], m2[W.indices])
+    drop = hi > ratio * lo
+    n_drop = int(drop.sum())
+    if not n_drop:
+        return W, 0
+    out = W.copy()
+    out.data[drop] = 0.0
+    out.eliminate_zeros()
+    out.sort_indices()
+    return out, n_drop // 2
+
+
+def join_nodes(W: sp.csr_matrix, on: np.ndarray, *, all_pairs: bool = False) -> sp.csr_matrix:
+    """W (n, n) with the `on` nodes linked at the median edge weight of W (1 if W has no
+    edges): each `on` node without an edge to another `on` node to every other `on` node, or
+    every pair of them with all_pairs. Existing heavier links stay. O(a^2) new entries for a
+    always-on nodes."""
     idx = np.flatnonzero(on)
     weight = float(np.median(W.data)) if W.nnz else 1.0
     r, c = np.meshgrid(idx, idx, indexing="ij")
     off = r != c
+    if not all_pairs:
+        lonely = np.diff(W[idx][:, idx].tocsr().indptr) == 0
+        off &= lonely[:, None] | lonely[None, :]
     clique = sp.csr_matrix((np.full(int(off.sum()), weight), (r[off], c[off])), shape=W.shape)
     out = sp.csr_matrix(W.maximum(clique))
     out.sort_indices()
@@ -134,16 +168,23 @@ def cluster_alive(
     labels = np.full(n, -1, dtype=np.int64)
     info: dict[str, Any] = {"mode": cfg.mode, "n_nodes": n}
 
+    pieces_of = graph.labels
+    if cfg.edge_mass_ratio is not None:
+        W, n_dropped = drop_containment_edges(W, graph.mean, graph.std, cfg.edge_mass_ratio)
+        info["n_containment_edges_dropped"] = n_dropped
+        if n_dropped:
+            pieces_of = components(W)[1]
+
     on = always_on_nodes(graph, cfg, frac_active)
     info["n_always_on"] = int(on.sum())
-    pieces_of = graph.labels
-    if on.any() and cfg.always_on_grouping == "join":
-        W = join_nodes(W, on)
+    joined = cfg.always_on_grouping in ("join", "join_all")
+    if on.any() and joined:
+        W = join_nodes(W, on, all_pairs=cfg.always_on_grouping == "join_all")
         pieces_of = components(W)[1]
     elif on.any():
         # Offset keeps group ids apart from the spectral ids until the global renumbering.
         labels[on] = _always_on_groups(W, on, cfg.always_on_grouping) + n
-    taken_out = on if cfg.always_on_grouping != "join" else np.zeros(n, dtype=bool)
+    taken_out = np.zeros(n, dtype=bool) if joined else on
 
     rest = np.flatnonzero(~taken_out)
     W_rest = W[rest][:, rest].tocsr()

@@ -41,21 +41,18 @@ def score(entry: CorpusEntry, clusters: np.ndarray) -> dict:
 # What each toy must give with the defaults: least mechanisms recovered, purity, and how the
 # dense subcomponents (TMS identity, ResidMLP mlp_out) must end up: "one" = exactly one cluster
 # holding all of them and nothing else, a float = at least that share in one cluster. These are
-# the issue's targets except where marked: there they guard the level reached today and
-# ISSUE_TARGETS below holds the target, as a strict xfail.
+# the issue's targets.
 MUST = {
     "tms_5-2": dict(recovered=5, purity=1.0, dense=None),
     "tms_40-10": dict(recovered=40, purity=1.0, dense=None),
     "tms_5-2-id": dict(recovered=5, purity=None, dense="one"),
     "tms_40-10-id": dict(recovered=38, purity=None, dense="one"),
-    # Reached: 91 of 100 (89 on the run's 100k rows). In this SPD run 5 features each have one
-    # mlp_out subcomponent that
-    # serves mostly them (correlation 0.50-0.65; one-hot scoring counts every alive mlp_out as
-    # dense), 3 have a barely-alive companion, so correlation puts them together.
-    "resid_mlp1": dict(recovered=91, purity=None, dense=0.9),
+    # 100 of 100 here. Without the containment test (spectral.edge_mass_ratio) 91: 5 features
+    # each correlate at 0.50-0.65 with an mlp_out subcomponent that carries 4.9-58x their mass,
+    # 3 with a barely-alive companion (470-1900x less mass).
+    "resid_mlp1": dict(recovered=97, purity=None, dense=0.9),
     "resid_mlp2": dict(recovered=98, purity=None, dense="one"),
 }
-ISSUE_TARGETS = {"resid_mlp1": dict(recovered=97, purity=None, dense=0.9)}
 
 
 def test_the_corpus_holds_every_toy() -> None:
@@ -80,12 +77,6 @@ def test_default_recovers_the_toy_mechanisms(name: str) -> None:
     _check(name, MUST[name])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 target not reached yet (see MUST)")
-@pytest.mark.parametrize("name", sorted(ISSUE_TARGETS))
-def test_issue_targets_not_yet_reached(name: str) -> None:
-    _check(name, ISSUE_TARGETS[name])
-
-
 @pytest.mark.parametrize("name", corpus_names())
 def test_default_is_stable_across_seeds(name: str) -> None:
     entry = load(name)
@@ -94,34 +85,23 @@ def test_default_is_stable_across_seeds(name: str) -> None:
         assert adjusted_rand_score(a, b) >= 0.95
 
 
-# ARI each planted set reaches with the defaults; the issue asks 0.95 of every set. Two are below
-# it; their guard is the level reached, the target a strict xfail. lone+hubs: lone
-# subcomponents firing inside hubs' supports correlate with the hubs as strongly as the hubs
-# with each other. many-small: 150 mechanisms make the hubs fire on 63-94% of the rows, and
-# those without a partner join the always-on group, a class of its own in the planted truth.
-PLANTED_MIN_ARI = {"lone+hubs": 0.80, "many-small": 0.91}
-
-
+# The issue asks ARI >= 0.95 of every planted set. lone+hubs needs the containment test
+# (spectral.edge_mass_ratio; 0.81 without it: lone subcomponents firing inside hubs' supports
+# correlate with the hubs as strongly as the hubs with each other), many-small the "join" rule
+# for always-on groups (0.95 with every always-on pair linked, "join_all": its hubs, active on
+# 63-94% of the rows, were tied to the separate always-on group).
 @pytest.mark.parametrize("name", sorted(PLANTED_SETS))
 def test_default_on_planted_profiles(name: str) -> None:
     spec, seed = PLANTED_SETS[name]
     X, truth = hub_profiles(spec, seed=seed)
     frac = (X > 0.1).mean(axis=0)
-    ari = adjusted_rand_score(truth, cluster_default(X, frac)[0])
-    assert ari >= PLANTED_MIN_ARI.get(name, 0.95)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 13 target not reached yet (PLANTED_MIN_ARI)")
-@pytest.mark.parametrize("name", sorted(PLANTED_MIN_ARI))
-def test_planted_issue_target_not_yet_reached(name: str) -> None:
-    spec, seed = PLANTED_SETS[name]
-    X, truth = hub_profiles(spec, seed=seed)
-    assert adjusted_rand_score(truth, cluster_default(X, (X > 0.1).mean(axis=0))[0]) >= 0.95
+    assert adjusted_rand_score(truth, cluster_default(X, frac)[0]) >= 0.95
 
 
 # The clustering paper's procedure, one documented block away (README "Clustering default").
 PAPER_GRAPH = GraphConfig(neighbours="mutual", edge_threshold=0.0)
-PAPER_SPECTRAL = SpectralConfig(always_on_fraction=None, assign_labels="kmeans")
+PAPER_SPECTRAL = SpectralConfig(always_on_fraction=None, assign_labels="kmeans",
+                                edge_mass_ratio=None)
 
 
 def test_the_paper_procedure_fails_where_the_default_does_not() -> None:

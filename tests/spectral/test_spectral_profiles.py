@@ -147,11 +147,13 @@ def test_always_on_columns_form_their_own_group(grouping):
     # Always-on nodes share no cluster with feature nodes, which are recovered.
     assert not set(groups.tolist()) & set(res.labels[~on].tolist())
     assert adjusted_rand_score(truth[alive][~on], res.labels[~on]) >= 0.95
-    # Without the option, on a union k-NN graph, they are pulled into a feature cluster (the
-    # paper's failure mode); the default relative edges alone already keep them apart.
+    # Without the option and the containment test, on a union k-NN graph, they are pulled into
+    # a feature cluster (the paper's failure mode); the default relative edges alone already
+    # keep them apart.
     no_group = SpectralConfig(always_on_fraction=None)
     union = build_graph(X, GraphConfig(neighbours="union"), columns=alive)
-    off = cluster_alive(union, no_group, executor="local").labels
+    off = cluster_alive(union, no_group.model_copy(update={"edge_mass_ratio": None}),
+                        executor="local").labels
     assert set(off[on].tolist()) & set(off[~on].tolist())
     rel = cluster_alive(graph, no_group, executor="local").labels
     assert not set(rel[on].tolist()) & set(rel[~on].tolist())
