@@ -93,7 +93,8 @@ def main() -> int:
             dense = score["dense"]
             rec[proc] = {
                 "recovered": score["mechanisms_recovered"], "total": score["mechanisms_total"],
-                "ari": round(score["ari"], 4), "purity": round(score["purity"], 4),
+                "ari": round(score["ari"], 4),
+                "purity": None if score["purity"] is None else round(score["purity"], 4),
                 "dense_in_one": None if dense is None else
                 f"{dense['n_dense_in_cluster']}/{dense['n_dense']} (cluster of {dense['size']})",
                 "n_clusters": int(labels.max()) + 1, "seconds": round(sec, 3),
