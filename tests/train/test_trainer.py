@@ -178,6 +178,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         tr.faithfulness_warmup()
         logs = [tr.train_step() for _ in range(4)]
         torch.save({"params": params(tr), "logs": logs}, os.path.join(out_dir, f"r{rank}.pt"))
+        # Both ranks done before either tears the group down: a rank that destroys it while
+        # the other still uses the shared file store can abort the other (seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
