@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import fsspec
 from upath import UPath
 
 from scalespd.errors import StorageError, naming_file
@@ -154,7 +155,8 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
-    """Store `text` (UTF-8) at `path`, all or nothing (see `atomic_writer`)."""
+    """Store `text` (UTF-8) at `path`, all or nothing (see `atomic_writer`); an OSError of the
+    write (a full disk) names `path`."""
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
@@ -195,7 +197,7 @@ def rename_dir(src: PathLike, dst: PathLike) -> None:
     if is_local(s):
         os.replace(local_path(s), local_path(d))
         return
-    fs = s.fs
+    fs: fsspec.AbstractFileSystem = s.fs
     if s.is_file():
         fs.copy(s.path, d.path)
         fs.rm(s.path)

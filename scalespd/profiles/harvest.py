@@ -652,17 +652,9 @@ def harvest(
     res = HarvestResult(out_dir, (layout.n_rows, n_cols), layout.n_blocks, len(results),
                         int(table["alive"].sum()), time.perf_counter() - t0, executor, device,
                         stats, results)
-    _write_replacing(out_dir / SUMMARY_FILE,
+    storage.write_text_atomic(out_dir / SUMMARY_FILE,
                      json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2))
     return res
-
-
-def _write_replacing(path: UPath, text: str) -> None:
-    """Store `text` at `path`, all or nothing (`storage.write_text_atomic`: a temporary file and
-    a rename locally, removed on failure (a full disk); one object on an object store); an
-    OSError names `path`."""
-    with naming_file(storage.url(path)):
-        storage.write_text_atomic(path, text)
 
 
 def _remove_temporaries(out_dir: UPath) -> None:
@@ -710,5 +702,5 @@ def write_components(
     df["frac_active"] = stats.frac_active
     df["alive"] = stats.max > tau
     df = df[COMPONENT_COLUMNS]
-    _write_replacing(storage.as_path(path), df.to_csv(index=False, float_format="%.17g"))
+    storage.write_text_atomic(storage.as_path(path), df.to_csv(index=False, float_format="%.17g"))
     return df

@@ -328,12 +328,6 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_text(path: storage.PathLike, text: str) -> None:
-    """`text` into `path`, all or nothing (a reader may look at any time)."""
-    with naming_file(storage.url(path)):
-        storage.write_text_atomic(path, text)
-
-
 def write_progress(run_dir: storage.PathLike, step: int, steps: int) -> None:
     """decompose/progress.json, replaced atomically (the driver may read it at any time).
     Advisory only: a write that fails (a full disk) is skipped, and the checkpoint writes
@@ -398,7 +392,8 @@ def _write_checkpoint_files(trainer: SPDTrainer, eval_metrics: dict[str, Any], s
     with naming_file(d):
         d.mkdir(parents=True)
     save_torch(trainer.state_dict(), d / STATE_FILE)
-    _write_text(d / METRICS_FILE, json.dumps({"step": step, **eval_metrics}, indent=2))
+    storage.write_text_atomic(d / METRICS_FILE,
+                              json.dumps({"step": step, **eval_metrics}, indent=2))
     with naming_file(d / HEATMAP_FILE):
         trainer.save_ci_heatmap(d / HEATMAP_FILE)
 
@@ -467,19 +462,20 @@ def _write_final(trainer: SPDTrainer, cfg: RunConfig, run_dir: UPath,
         shutil.rmtree(storage.local_path(tmp), ignore_errors=True)
         tmp.mkdir(parents=True)
         save_torch(model_state(trainer.model), tmp / MODEL_FILE)
-        _write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+        storage.write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
     else:
         if (final / META_FILE).exists():
             (final / META_FILE).unlink()
         save_torch(model_state(trainer.model), final / MODEL_FILE)
     with naming_file(storage.url(out / HEATMAP_FILE)):
         trainer.save_ci_heatmap(out / HEATMAP_FILE)
-    _write_text(out / METRICS_FILE, json.dumps({"step": trainer.step, **eval_metrics}, indent=2))
+    storage.write_text_atomic(out / METRICS_FILE,
+                              json.dumps({"step": trainer.step, **eval_metrics}, indent=2))
     if storage.has_rename(out):
         shutil.rmtree(storage.local_path(final), ignore_errors=True)
         tmp.replace(final)
     else:
-        _write_text(final / META_FILE, json.dumps(meta, indent=2))
+        storage.write_text_atomic(final / META_FILE, json.dumps(meta, indent=2))
 
 
 def _log_attempt(run_dir: UPath, record: dict[str, Any]) -> None:
@@ -494,7 +490,7 @@ def _log_attempt(run_dir: UPath, record: dict[str, Any]) -> None:
     before = path.read_text() if path.exists() else ""
     if before and not before.endswith("\n"):
         before += "\n"
-    _write_text(path, before + line)
+    storage.write_text_atomic(path, before + line)
 
 
 def _quiet_ray_train_reports() -> None:
