@@ -10,6 +10,15 @@ from collections.abc import Iterator
 import pytest
 from upath import UPath
 
+from scalespd import storage
+
+
+def files_under(root: storage.PathLike) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under `root`, a local folder or a URL."""
+    root = storage.as_path(root)
+    fs, base = root.fs, root.path.rstrip("/")
+    return {full[len(base) + 1:]: fs.cat_file(full) for full in sorted(fs.find(base))}
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from object_stores import files_under
 from ray_faults import marker
 from synthetic_graph import planted_profiles
 from synthetic_spectral import planted_graph
@@ -76,11 +77,6 @@ def test_killed_spectral_task_is_retried_and_the_clusters_are_unchanged(killing_
     assert got.spectra == undisturbed.spectra
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
-
-
 def test_killed_harvest_actor_is_restarted_and_the_profiles_are_unchanged(
         killing_ray, tmp_path: Path) -> None:
     model = SyntheticCIModel(6, [("enc", 7), ("mid.0", 5), ("dec", 4)], seed=0)
@@ -94,6 +90,6 @@ def test_killed_harvest_actor_is_restarted_and_the_profiles_are_unchanged(
     assert marker(killing_ray, HARVEST_BLOCK).exists()  # an actor's process really died
     # The matrix, the inputs and the table, byte for byte, and nothing half-written left over.
     for name in ("ci.zarr", "inputs.zarr"):
-        assert _files(tmp_path / "ray" / name) == _files(tmp_path / "local" / name), name
+        assert files_under(tmp_path / "ray" / name) == files_under(tmp_path / "local" / name), name
     assert (tmp_path / "ray" / "components.csv").read_bytes() == \
         (tmp_path / "local" / "components.csv").read_bytes()

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from object_stores import files_under
 from upath import UPath
 
 from scalespd.config import DecomposeConfig, ModuleSpec, RunConfig, TMSTargetConfig
@@ -64,23 +65,18 @@ def _write_components(run_dir: UPath, model: ComponentModel) -> list[str]:
     return names
 
 
-def _files(root: UPath) -> dict[str, bytes]:
-    fs, base = root.fs, root.path.rstrip("/")
-    return {full[len(base) + 1:]: fs.cat_file(full) for full in fs.find(base)}
-
-
 @pytest.mark.parametrize("store", ["memory", "s3"])
 def test_evaluate_on_an_fsspec_run_dir(store, request, tmp_path, model):
     cfg = RunConfig(target=TARGET, decompose=DECOMPOSE)
     local_dir = UPath(tmp_path / "run")
     _write_components(local_dir, model)
     local_summary = stage.run(cfg, local_dir)
-    local = _files(local_dir)
+    local = files_under(local_dir)
 
     run_dir = request.getfixturevalue(f"{store}_dir")
     names = _write_components(run_dir, model)
     summary = stage.run(cfg, run_dir)
-    remote = _files(run_dir)
+    remote = files_under(run_dir)
 
     assert summary == local_summary
     assert sorted(remote) == sorted(local) == [

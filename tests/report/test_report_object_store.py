@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from object_stores import files_under
 from report_lmrun import lm_config, write_lm_run
 from report_toyrun import LinkCollector, run_config, write_toy_run
 from upath import UPath
@@ -22,12 +23,6 @@ from scalespd.report.stage import run
 
 # The report's own duration: the one number that differs between two builds.
 _REPORT_SECONDS_ROW = re.compile(r"<tr><td>report</td><td>[^<]*</td></tr>")
-
-
-def _files(root: UPath) -> dict[str, bytes]:
-    """Every file under `root`, by path relative to it."""
-    fs, base = root.fs, root.path.rstrip("/")
-    return {full[len(base) + 1:]: fs.cat_file(full) for full in fs.find(base)}
 
 
 def _report(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -60,7 +55,7 @@ def _local_report(src: Path, tmp_path: Path, cfg) -> tuple[dict[str, bytes], dic
     run_dir = tmp_path / "local"
     shutil.copytree(src, run_dir)
     info = run(cfg, run_dir)
-    return _report(_files(UPath(run_dir))), info
+    return _report(files_under(UPath(run_dir))), info
 
 
 def _store_dir(request: pytest.FixtureRequest, store: str) -> UPath:
@@ -74,12 +69,12 @@ def test_toy_report_on_an_fsspec_run_dir(store, request, toy_src, tmp_path, capl
     local, local_info = _local_report(toy_src, tmp_path, cfg)
     run_dir = _store_dir(request, store)
     storage.upload_dir(toy_src, run_dir)
-    before = _files(run_dir)
+    before = files_under(run_dir)
 
     with caplog.at_level(logging.INFO, logger="scalespd.report.stage"):
         info = run(cfg, run_dir)
     assert info == local_info
-    after = _files(run_dir)
+    after = files_under(run_dir)
     # Only report/ was written; the other stages' files are as they were.
     assert {k: v for k, v in after.items() if not k.startswith("report/")} == before
     remote = _report(after)
@@ -111,7 +106,7 @@ def test_lm_report_on_an_fsspec_run_dir(store, request, lm_src, tmp_path):
     run_dir = _store_dir(request, store)
     storage.upload_dir(lm_src, run_dir)
     assert run(cfg, run_dir) == local_info
-    remote = _report(_files(run_dir))
+    remote = _report(files_under(run_dir))
     assert sorted(remote) == sorted(local)
     assert "clusters_lm.json" in remote
     for name in local:

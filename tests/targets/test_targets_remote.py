@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from lm_models import template_docs
+from object_stores import files_under
 from toys import preset
 from upath import UPath
 
@@ -33,20 +34,6 @@ _TIMING = {"seconds", "seconds_per_step"}
 
 
 pytestmark = pytest.mark.usefixtures("hf_datasets_cache")
-
-
-def _files(root: Path | UPath) -> dict[str, bytes]:
-    """Relative name -> bytes of every file under `root`."""
-    out: dict[str, bytes] = {}
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        for p in d.iterdir():
-            if p.is_dir():
-                stack.append(p)
-            else:
-                out[p.relative_to(root).as_posix()] = p.read_bytes()
-    return out
 
 
 def _state(data: bytes) -> dict[str, torch.Tensor]:
@@ -73,7 +60,7 @@ def test_toy_target_stage_writes_what_a_local_run_writes(where: str, tmp_path: P
     assert {k: v for k, v in summary.items() if k not in _TIMING} == \
         {k: v for k, v in local_summary.items() if k not in _TIMING}
 
-    local, got = _files(tmp_path / "run" / "target"), _files(remote / "target")
+    local, got = files_under(tmp_path / "run" / "target"), files_under(remote / "target")
     assert sorted(got) == sorted(local) == ["meta.json", "model.pt"]
     want_state, got_state = _state(local["model.pt"]), _state(got["model.pt"])
     assert want_state.keys() == got_state.keys()
@@ -113,7 +100,7 @@ def test_lm_target_stage_on_a_remote_run_dir(where: str, tmp_path: Path,
     summary = target_stage.run(cfg, remote)
     assert summary["eval_loss"] == pytest.approx(local_summary["eval_loss"], rel=1e-6)
 
-    local, got = _files(tmp_path / "run" / "target"), _files(remote / "target")
+    local, got = files_under(tmp_path / "run" / "target"), files_under(remote / "target")
     assert sorted(got) == sorted(local)
     assert {"config.json", "model.safetensors", "tokenizer.json", "meta.json"} <= set(got)
     assert _meta(got["meta.json"]) == _meta(local["meta.json"])
