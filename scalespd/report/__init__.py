@@ -19,7 +19,9 @@ run_dir/report/summary.json (DESIGN §4 keys first):
   timings {stage: seconds from manifest.json}, report_seconds,
   edges {n_edges, frac_edges_within, mean_edge_weight_within/between},
   correlation {mean_corr_within/between, n_pairs_*, n_columns_sampled, n_rows_used},
-  ground_truth (toys): {mechanisms_total, mechanisms_recovered, mechanism_status_counts
+  ground_truth (toys): {mechanisms_total, mechanisms_recovered, mechanisms_recoverable
+    (features whose alive members cover every required layer: the most a clustering of this
+    decomposition can recover), mechanism_status_counts
     (recovered / merged / split / incomplete / missing), purity, ari, n_feature_serving,
     n_dense, n_inactive, n_ties, ties, feature_layers, expected_alive, expected_dense,
     dense {n_dense, n_clusters_holding_dense, cluster, size, n_dense_in_cluster, purity,

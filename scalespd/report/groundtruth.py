@@ -177,6 +177,9 @@ def score_clustering(
 
     features = []
     recovered = 0
+    # A mechanism the decomposition itself left whole (a member in every required layer) is the
+    # most any clustering can recover: this separates SPD failures from clustering failures.
+    recoverable = 0
     for f in range(assignment.n_features):
         members = np.flatnonzero(labels == f)
         member_clusters = sorted({int(full[j]) for j in members})
@@ -192,6 +195,7 @@ def score_clustering(
         else:
             status = "recovered"
         recovered += status == "recovered"
+        recoverable += len(members) > 0 and covers
         features.append({
             "feature": f,
             "members": [names[j] for j in members],
@@ -205,6 +209,7 @@ def score_clustering(
     out: dict[str, Any] = {
         "mechanisms_total": assignment.n_features,
         "mechanisms_recovered": int(recovered),
+        "mechanisms_recoverable": int(recoverable),
         "mechanism_status_counts": {s: statuses.count(s) for s in sorted(set(map(str, statuses)))},
         "purity": purity(clusters, truth),
         "ari": float(adjusted_rand_score(truth, full)) if n else None,

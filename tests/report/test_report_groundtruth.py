@@ -148,8 +148,10 @@ def test_incomplete_and_missing_mechanisms():
     s = gt.score_clustering(a, c, layers[keep], {0, 2}, names_k)
     status = {f["feature"]: f["status"] for f in s["features"]}
     assert status == {0: "recovered", 1: "recovered", 2: "missing", 3: "incomplete"}
+    assert s["mechanisms_recoverable"] == 2  # 2 has no member, 3 no decoder: no clustering helps
     s_free = gt.score_clustering(a, c, layers[keep], None, names_k)
     assert s_free["mechanisms_recovered"] == 3  # no layer-coverage requirement
+    assert s_free["mechanisms_recoverable"] == 3
 
 
 def test_ties_and_inactive_are_their_own_truth_classes():
