@@ -52,6 +52,10 @@ MUST = {
     # 3 with a barely-alive companion (470-1900x less mass).
     "resid_mlp1": dict(recovered=97, purity=None, dense=0.9),
     "resid_mlp2": dict(recovered=98, purity=None, dense="one"),
+    # Not an issue target: a regression guard. The 5k-step CPU SPD leaves only 34 of the 102
+    # triplets whole (a member in each of the 3 layers, `mechanisms_recoverable`); the default
+    # recovers 27 of them and puts 48 of the 53 dense mlp_out in one cluster of purity 1.
+    "resid_mlp3": dict(recovered=25, purity=None, dense=0.85),
 }
 
 
