@@ -652,8 +652,9 @@ def harvest(
     res = HarvestResult(out_dir, (layout.n_rows, n_cols), layout.n_blocks, len(results),
                         int(table["alive"].sum()), time.perf_counter() - t0, executor, device,
                         stats, results)
-    storage.write_text_atomic(out_dir / SUMMARY_FILE,
-                     json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2))
+    storage.write_text_atomic(
+        out_dir / SUMMARY_FILE,
+        json.dumps({**res.summary(), "tau": cfg.tau, "dtype": cfg.dtype}, indent=2))
     return res
 
 

@@ -85,7 +85,7 @@ def _gt_overview(tables: list[dict[str, Any]]) -> str:
     fields = [
         ("mechanisms recovered", lambda s: f"{s['mechanisms_recovered']} / "
                                            f"{s['mechanisms_total']}"),
-        ("recoverable from this decomposition", lambda s: s.get("mechanisms_recoverable")),
+        ("recoverable from this decomposition", lambda s: s["mechanisms_recoverable"]),
         ("mechanism status counts", lambda s: _num(s["mechanism_status_counts"])),
         ("purity", lambda s: _num(s["purity"])),
         ("ARI", lambda s: _num(s["ari"])),

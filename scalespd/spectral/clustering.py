@@ -168,23 +168,23 @@ def cluster_alive(
     labels = np.full(n, -1, dtype=np.int64)
     info: dict[str, Any] = {"mode": cfg.mode, "n_nodes": n}
 
-    pieces_of = graph.labels
+    edited = False  # the graph's components hold until an edge is dropped or added
     if cfg.edge_mass_ratio is not None:
         W, n_dropped = drop_containment_edges(W, graph.mean, graph.std, cfg.edge_mass_ratio)
         info["n_containment_edges_dropped"] = n_dropped
-        if n_dropped:
-            pieces_of = components(W)[1]
+        edited = n_dropped > 0
 
     on = always_on_nodes(graph, cfg, frac_active)
     info["n_always_on"] = int(on.sum())
     joined = cfg.always_on_grouping in ("join", "join_all")
     if on.any() and joined:
         W = join_nodes(W, on, all_pairs=cfg.always_on_grouping == "join_all")
-        pieces_of = components(W)[1]
+        edited = True
     elif on.any():
         # Offset keeps group ids apart from the spectral ids until the global renumbering.
         labels[on] = _always_on_groups(W, on, cfg.always_on_grouping) + n
     taken_out = np.zeros(n, dtype=bool) if joined else on
+    pieces_of = components(W)[1] if edited else graph.labels
 
     rest = np.flatnonzero(~taken_out)
     W_rest = W[rest][:, rest].tocsr()
